@@ -1,0 +1,372 @@
+"""``reelqueue``: the command line. Every command takes ``--config PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from daemon.config import Config, ConfigError, find_config_file, load_config
+from daemon.jobs import Channel, JobError, JobSpec, JobStatus, Source, new_job_id, write_spec
+from daemon.logs import configure_logging
+from daemon.queue import QueueClient, RedisUnavailable, utc_from_ts
+from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, ensure_redis
+
+console = Console()
+
+
+def _error(message: str) -> None:
+    # Plain print: rich would re-wrap long messages and paths.
+    print(message, file=sys.stderr)
+
+DEMO_PROMPT = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。"
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise JobError(f"--option takes key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(raw)  # numbers, booleans, lists
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _redis_url(config: Config) -> str:
+    """The URL of the Redis to talk to; for the embedded one, it must already run."""
+    if config.redis.url:
+        return config.redis.url
+    server = EmbeddedRedis(config.state_dir)
+    if not server.is_running():
+        raise RedisUnavailable(
+            f"the embedded Redis is not running (socket {server.socket}); start reelqueue "
+            "first with `reelqueue up` (or `reelqueue daemon`)"
+        )
+    return server.url
+
+
+async def _open_queue(config: Config) -> QueueClient:
+    return await QueueClient.open(_redis_url(config), config.worker.keep_results)
+
+
+def _print_where(config: Config) -> None:
+    for folder in config.intake.folder:
+        console.print(f"[bold]drop[/] {folder.kind} requests into [cyan]{folder.path}/[/]  →  "
+                      f"results in [cyan]{folder.path / 'done'}/[/], failures in "
+                      f"[cyan]{folder.path / 'failed'}/[/]")
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace, config: Config) -> int:
+    from daemon.supervisor import Supervisor
+
+    _print_where(config)
+    console.print("Ctrl-C stops everything.")
+    return Supervisor(config, find_config_file(args.config)).serve_forever()
+
+
+def cmd_daemon(args: argparse.Namespace, config: Config) -> int:
+    from daemon.service import run_daemon
+
+    asyncio.run(run_daemon(config))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from workers.worker import create_worker
+
+    url, owned = ensure_redis(config.state_dir, config.redis.url)
+    # Check reachability up front: a clear message instead of arq's retry traceback.
+    asyncio.run(_ping(url))
+    try:
+        create_worker(config, url, name=args.name).run()
+    finally:
+        if owned is not None:
+            owned.stop()
+    return 0
+
+
+async def _ping(url: str) -> None:
+    queue = await QueueClient.open(url)
+    await queue.close()
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    from daemon.jobs import validate_request
+    from daemon.progress import follow_job
+
+    prompt = " ".join(args.prompt)
+    options = validate_request(args.kind, prompt, _parse_options(args.option))
+    spec = JobSpec(id=new_job_id(), kind=args.kind, prompt=prompt, options=options,
+                   source=Source(channel=Channel.cli), submitted_by=_user())
+
+    async def submit() -> int:
+        queue = await _open_queue(config)
+        try:
+            write_spec(config.jobs_dir, spec)
+            result = await queue.enqueue(spec)
+            console.print(f"queued job [bold]{spec.id}[/] (position {result.position})")
+            if not args.wait:
+                return 0
+            state = await follow_job(queue, spec.id, console)
+            return _report_final(config, spec.id, state)
+        finally:
+            await queue.close()
+
+    return asyncio.run(submit())
+
+
+def _report_final(config: Config, job_id: str, state: dict[str, Any]) -> int:
+    status = JobStatus(state["status"])
+    directory = config.jobs_dir / job_id
+    if status == JobStatus.done:
+        result = json.loads((directory / "result.json").read_text())
+        console.print(f"[green]done[/]: {directory / result['primary']}")
+        console.print(f"report: {directory / 'report.html'}")
+        return 0
+    console.print(f"[red]{status}[/]: {state.get('error') or ''}")
+    return 1
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    async def status() -> int:
+        queue = await _open_queue(config)
+        try:
+            if args.job_id:
+                state = await queue.get_state(args.job_id)
+                if state is None:
+                    _error(f"no job {args.job_id} (unknown, or its record expired)")
+                    return 1
+                for key in ("id", "kind", "status", "stage", "percent", "message", "position",
+                            "error", "submitted_by", "channel", "worker"):
+                    if state.get(key) not in (None, ""):
+                        console.print(f"{key:>13}: {state[key]}")
+                return 0
+            console.print(f"queue length: {await queue.queue_length()}")
+            workers = await queue.workers()
+            if not workers:
+                console.print("[yellow]no worker alive[/]: start one with `reelqueue worker`")
+            for beat in workers:
+                doing = "idle"
+                if beat.get("job_id"):
+                    state = await queue.get_state(beat["job_id"]) or {}
+                    doing = (f"running {beat['job_id']}: {state.get('stage', '')} "
+                             f"{state.get('percent', 0):.0f}% {state.get('message', '')}")
+                console.print(f"worker {beat['name']} on {beat['device']} "
+                              f"(seen {beat['age_s']} s ago): {doing}")
+            return 0
+        finally:
+            await queue.close()
+
+    return asyncio.run(status())
+
+
+def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
+    async def jobs() -> int:
+        queue = await _open_queue(config)
+        try:
+            table = Table("id", "kind", "status", "progress", "created", "by", "prompt / error")
+            for state in await queue.recent_jobs(args.limit):
+                created = utc_from_ts(state.get("created_at"))
+                status = state["status"]
+                detail = state.get("error") or state.get("prompt", "")
+                table.add_row(state["id"], state.get("kind", ""), status,
+                              f"{state['percent']:.0f}% {state.get('stage', '')}",
+                              created.strftime("%m-%d %H:%M") if created else "",
+                              state.get("submitted_by", ""), detail[:60])
+            console.print(table)
+            return 0
+        finally:
+            await queue.close()
+
+    return asyncio.run(jobs())
+
+
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    async def cancel() -> int:
+        queue = await _open_queue(config)
+        try:
+            outcome = await queue.cancel(args.job_id)
+        finally:
+            await queue.close()
+        messages = {
+            "unknown": f"no job {args.job_id}",
+            "finished": f"job {args.job_id} has already finished",
+            "cancelled": f"job {args.job_id} cancelled before it started",
+            "cancelling": f"job {args.job_id} is running; it stops at its next step",
+        }
+        console.print(messages[outcome])
+        return 0 if outcome in ("cancelled", "cancelling") else 1
+
+    return asyncio.run(cancel())
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    """Run one job in this process, no Redis: for debugging and the overhead benchmark."""
+    from daemon.progress import make_progress
+    from intake.jobfile import parse_request
+    from workers.runner import run_job_sync
+
+    path = Path(args.spec)
+    if not path.is_file():
+        raise JobError(f"{path}: no such file (give a .txt/.md prompt or a .json/.toml job file)")
+    request = parse_request(path.name, path.read_bytes(), args.kind, _parse_options(args.option))
+    spec = JobSpec(id=new_job_id(), kind=request.kind, prompt=request.prompt,
+                   options=request.options, source=Source(channel=Channel.cli),
+                   submitted_by=_user())
+    directory = write_spec(config.jobs_dir, spec)
+    started = time.monotonic()
+    with make_progress(console) as progress:
+        task = progress.add_task(spec.id, total=100, stage="starting", note="")
+
+        def on_progress(stage: str, percent: float, message: str) -> None:
+            progress.update(task, completed=percent, stage=stage, note=message)
+
+        outcome = run_job_sync(spec, config, on_progress=on_progress)
+    elapsed = time.monotonic() - started
+    if outcome.status != JobStatus.done:
+        console.print(f"[red]{outcome.status}[/]: {outcome.error}")
+        return 1
+    console.print(f"[green]done[/] in {elapsed:.2f} s: {directory / outcome.primary}")
+    console.print(f"report: {directory / 'report.html'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    """Start the whole stack, put one example prompt through the drop folder, stop."""
+    from daemon.progress import follow_job
+    from daemon.supervisor import Supervisor
+    from intake.folder import folder_job_id
+
+    folder = config.intake.folder[0]
+    folder.path.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(config, find_config_file(args.config))
+    console.print("[bold]reelqueue demo[/]: embedded Redis, daemon and worker start; one "
+                  "example prompt goes through the drop folder.")
+    _print_where(config)
+    supervisor.start()
+    try:
+        name = "fox.txt"
+        data = (DEMO_PROMPT + "\n").encode()
+        job_id = folder_job_id(config.jobs_dir, folder.path, name, data)
+        request = folder.path / name
+        if request.exists():
+            raise JobError(f"{request} is already waiting in the inbox; run `reelqueue up` to "
+                           "process it, or remove it")
+        tmp = folder.path / f".{name}.part"
+        tmp.write_bytes(data)
+        tmp.rename(request)  # renamed in, as a careful writer would
+        console.print(f"dropped [cyan]{request}[/]: {DEMO_PROMPT}")
+        return asyncio.run(_demo_wait(config, job_id, follow_job))
+    finally:
+        supervisor.stop()
+
+
+async def _demo_wait(config: Config, job_id: str, follow_job: Any) -> int:
+    deadline = time.monotonic() + 60
+    queue = None
+    while queue is None:
+        try:
+            queue = await _open_queue(config)
+        except RedisUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    try:
+        while await queue.get_state(job_id) is None:  # until the daemon has taken the file
+            if time.monotonic() > deadline:
+                raise JobError("the daemon did not take the demo file within 60 s; see its log")
+            await asyncio.sleep(0.1)
+        state = await follow_job(queue, job_id, console)
+    finally:
+        await queue.close()
+    plan = config.jobs_dir / job_id / "delivery.json"
+    while not (plan.exists() and json.loads(plan.read_text()).get("delivered")):
+        await asyncio.sleep(0.1)
+    files = json.loads(plan.read_text())["files"]
+    if JobStatus(state["status"]) != JobStatus.done:
+        console.print(f"[red]the demo job {state['status']}[/]: {state.get('error')}")
+        console.print(f"explanation: {files['error']}")
+        return 1
+    console.print("[green]done.[/] Results:")
+    for role in ("primary", "report.html", "report.json", "request"):
+        console.print(f"  {role:>11}: {files[role]}")
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reelqueue", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $REELQUEUE_CONFIG, "
+                        "./config.toml, or built-in defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run Redis, the daemon and a worker in the foreground")
+    sub.add_parser("daemon", help="run the daemon (intakes and delivery)")
+    worker = sub.add_parser("worker", help="run a GPU worker (one job at a time)")
+    worker.add_argument("--name", help="worker name, unique per GPU (default host-gpuN)")
+    submit = sub.add_parser("submit", help="queue a job")
+    submit.add_argument("prompt", nargs="+")
+    submit.add_argument("--kind", default="video")
+    submit.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    status = sub.add_parser("status", help="queue, workers, or one job")
+    status.add_argument("job_id", nargs="?")
+    jobs = sub.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    run = sub.add_parser("run", help="run one job file in this process, without Redis")
+    run.add_argument("spec", help="a .txt/.md prompt or .json/.toml job file")
+    run.add_argument("--kind", default="video")
+    run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("demo", help="start everything, run one example through the drop folder")
+    return parser
+
+
+COMMANDS = {"up": cmd_up, "daemon": cmd_daemon, "worker": cmd_worker, "submit": cmd_submit,
+            "status": cmd_status, "jobs": cmd_jobs, "cancel": cmd_cancel, "run": cmd_run,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    configure_logging(config.log.level, config.log.format)
+    try:
+        return COMMANDS[args.command](args, config)
+    except (RedisUnavailable, EmbeddedRedisError, JobError) as exc:
+        _error(f"reelqueue: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

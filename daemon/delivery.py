@@ -1,0 +1,86 @@
+"""Delivery: answering each finished job in the channel it came from.
+
+The worker never waits on a channel: when a job ends it pushes the job id onto a
+durable Redis list, and the daemon delivers from there with the reliable-queue
+pattern (an id moves to an "active" list while being delivered and leaves it only
+when delivery succeeded). A daemon that dies mid-delivery delivers again on start;
+each channel's delivery is idempotent, so nothing arrives twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+
+from redis.exceptions import RedisError
+
+from daemon.config import Config
+from daemon.jobs import Channel, JobOutcome, JobStatus, job_dir, read_spec
+from daemon.logs import get_logger
+from daemon.queue import QueueClient
+
+# Channel → module with ``deliver(spec, outcome, job_dir)``. Channels not listed
+# (cli, http) are answered by polling the job's state; nothing to push.
+_DELIVERERS = {Channel.folder: "intake.folder"}
+MAX_BACKOFF_S = 300.0
+
+log = get_logger(component="delivery")
+
+
+class DeliveryLoop:
+    def __init__(self, config: Config, queue: QueueClient):
+        self.config = config
+        self.queue = queue
+        self.failures: dict[str, int] = {}
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        moved = await self.queue.requeue_active_deliveries()
+        if moved:
+            log.info("resuming deliveries interrupted by a restart", count=moved)
+        while not stop.is_set():
+            try:
+                job_id = await self.queue.next_delivery(timeout_s=1)
+            except (RedisError, OSError) as exc:
+                log.warning("redis unavailable for deliveries; retrying", error=str(exc))
+                await asyncio.sleep(1)
+                continue
+            if job_id is not None:
+                await self._deliver_one(job_id)
+        for task in self._retries:
+            task.cancel()
+
+    async def _deliver_one(self, job_id: str) -> None:
+        try:
+            state = await self.queue.get_state(job_id) or {}
+            await asyncio.to_thread(self.deliver, job_id, state)
+        except Exception as exc:
+            failures = self.failures[job_id] = self.failures.get(job_id, 0) + 1
+            delay = min(MAX_BACKOFF_S, 2.0**failures)
+            log.warning("delivery failed; will retry", job_id=job_id, error=repr(exc),
+                        retry_in_s=delay)
+            task = asyncio.create_task(self._retry_later(job_id, delay))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return
+        self.failures.pop(job_id, None)
+        await self.queue.delivery_done(job_id)
+
+    async def _retry_later(self, job_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self.queue.delivery_retry_later(job_id)
+
+    def deliver(self, job_id: str, state: dict[str, object]) -> None:
+        directory = job_dir(self.config.jobs_dir, job_id)
+        spec = read_spec(self.config.jobs_dir, job_id)
+        module = _DELIVERERS.get(spec.source.channel)
+        if module is None:
+            return
+        outcome = JobOutcome.read(directory) or _outcome_from_state(state)
+        importlib.import_module(module).deliver(spec, outcome, directory)
+
+
+def _outcome_from_state(state: dict[str, object]) -> JobOutcome:
+    """A job cancelled before it ever started has no result.json: use its live state."""
+    status = JobStatus(str(state.get("status") or JobStatus.failed))
+    return JobOutcome(status, error=str(state.get("error") or status.value))

@@ -1,0 +1,169 @@
+"""The job model shared by every intake, the queue and the worker.
+
+A job is a ``JobSpec`` (what to do, for whom, and where to answer) plus a directory
+``<state>/jobs/<id>/`` that is its durable record: ``spec.json``, the inputs as
+received, stage outputs, final artifacts and the report. Live state lives in Redis
+(see ``daemon.queue``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon import files
+
+MAX_PROMPT_CHARS = 10_000
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+
+
+class Channel(StrEnum):
+    folder = "folder"
+    http = "http"
+    chat = "chat"
+    cli = "cli"
+
+
+class Source(BaseModel):
+    """Where a job came from, with what is needed to answer it there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    folder: str | None = None  # folder channel: the watch folder (absolute)
+    filename: str | None = None  # folder channel: the request file's name in it
+    client: str | None = None  # http: the token name / remote address
+    chat_id: int | None = None
+    message_id: int | None = None
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: str
+    prompt: str = ""
+    inputs: list[str] = Field(default_factory=list)  # file names under inputs/
+    options: dict[str, Any] = Field(default_factory=dict)
+    source: Source
+    submitted_by: str = ""
+    priority: int = 0
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended, written to ``result.json`` in its directory: the durable record
+    that delivery reads. ``primary`` and ``reports`` are file names in the job dir."""
+
+    status: JobStatus
+    error: str | None = None
+    primary: str | None = None
+    reports: list[str] = field(default_factory=list)
+    finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def write(self, directory: Path) -> None:
+        files.write_json(directory / "result.json", asdict(self))
+
+    @classmethod
+    def read(cls, directory: Path) -> JobOutcome | None:
+        path = directory / "result.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["status"] = JobStatus(data["status"])
+        return cls(**data)
+
+
+class JobError(Exception):
+    """A failure explained in plain words for the person who sent the job.
+
+    Raised by intakes for bad requests and by pipelines for problems the user can fix;
+    the message is shown to them as is, so it should say what is wrong and what to do.
+    """
+
+
+def derive_job_id(*parts: str | bytes) -> str:
+    """A deterministic id: the same parts always give the same job."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+def job_dir(jobs_root: Path, job_id: str) -> Path:
+    if not job_id.isalnum():
+        raise JobError(f"invalid job id {job_id!r}")
+    return jobs_root / job_id
+
+
+def write_spec(jobs_root: Path, spec: JobSpec) -> Path:
+    directory = job_dir(jobs_root, spec.id)
+    directory.mkdir(parents=True, exist_ok=True)
+    files.write_text(directory / "spec.json", spec.model_dump_json(indent=2) + "\n")
+    return directory
+
+
+def read_spec(jobs_root: Path, job_id: str) -> JobSpec:
+    path = job_dir(jobs_root, job_id) / "spec.json"
+    return JobSpec.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def describe_validation_error(error: ValidationError, what: str = "option") -> str:
+    """Turn pydantic's errors into one line per field that a user can act on."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or what
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown {what} '{field}'")
+            continue
+        reason = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        got = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{what} '{field}': {reason}{got}")
+    return "; ".join(lines)
+
+
+def validate_request(kind: str, prompt: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a request before it is queued; return the normalised options.
+
+    Raises ``JobError`` naming the field and the reason, so every channel can answer
+    the sender with it.
+    """
+    from workers import pipelines  # imported late: daemon does not depend on workers at import
+
+    pipeline = pipelines.load(kind)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise JobError(
+            f"the prompt is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
+        )
+    try:
+        parsed = pipeline.Options.model_validate(options)
+    except ValidationError as exc:
+        raise JobError(describe_validation_error(exc)) from None
+    pipeline.check_request(prompt, parsed)
+    return parsed.model_dump(exclude_none=True)

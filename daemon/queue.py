@@ -1,0 +1,272 @@
+"""The queue client: arq for the job queue, plus reelqueue's own Redis keys for live
+job state, worker heartbeats and the durable delivery queue.
+
+Keys (all under ``reelqueue:``):
+
+- ``job:<id>``          hash: status, stage, percent, message, error, times, kind, …
+- ``recent``            sorted set of job ids by creation time (for listings)
+- ``events``            pub/sub channel: one JSON message per state change
+- ``worker:<name>``     JSON heartbeat of a live worker (expires when it dies)
+- ``running:<id>``      which worker runs a job (expires when that worker dies)
+- ``attempts:<id>``     how many times a job was started and not cleanly handed back
+- ``deliveries``        list of job ids whose outcome awaits delivery to its channel
+- ``deliveries:active`` the ones a daemon is delivering right now (reliable-queue pattern)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from arq import create_pool
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import abort_jobs_ss, default_queue_name, in_progress_key_prefix, job_key_prefix
+from arq.jobs import Job
+from arq.jobs import JobStatus as ArqJobStatus
+from redis.exceptions import RedisError
+
+from daemon.jobs import JobSpec, JobStatus
+
+PREFIX = "reelqueue:"
+QUEUE_NAME = default_queue_name
+RECENT_KEY = PREFIX + "recent"
+EVENTS_CHANNEL = PREFIX + "events"
+DELIVERIES_KEY = PREFIX + "deliveries"
+DELIVERIES_ACTIVE_KEY = PREFIX + "deliveries:active"
+# An overnight backlog must never expire: arq's default is one day.
+JOB_EXPIRY_S = 60 * 86400
+RUN_FUNCTION = "run_job"
+
+
+def state_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def running_key(job_id: str) -> str:
+    return f"{PREFIX}running:{job_id}"
+
+
+def attempts_key(job_id: str) -> str:
+    return f"{PREFIX}attempts:{job_id}"
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}worker:{name}"
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached; the message says where and what to do."""
+
+
+def redis_settings(url: str) -> RedisSettings:
+    settings = RedisSettings.from_dsn(url)
+    # Fail fast with our own message instead of arq's long retry loop.
+    settings.conn_retries = 2
+    settings.conn_timeout = 2
+    return settings
+
+
+async def connect(url: str) -> ArqRedis:
+    try:
+        pool = await create_pool(redis_settings(url))
+        await pool.ping()
+        return pool
+    except (OSError, RedisError) as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {url}: {exc}. Start that Redis server, or leave "
+            "[redis] url empty in the config to use reelqueue's embedded one."
+        ) from None
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in mapping.items()}
+
+
+@dataclass
+class EnqueueResult:
+    job_id: str
+    accepted: bool  # False: a job with this id already exists (a duplicate request)
+    position: int | None
+
+
+class QueueClient:
+    """Everything the daemon, CLI and worker need from Redis, in one place."""
+
+    def __init__(self, redis: ArqRedis, keep_results_s: float = 7 * 86400):
+        self.redis = redis
+        self.keep_results_s = keep_results_s
+
+    @classmethod
+    async def open(cls, url: str, keep_results_s: float = 7 * 86400) -> QueueClient:
+        return cls(await connect(url), keep_results_s)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # --- submitting -----------------------------------------------------------------
+
+    async def enqueue(self, spec: JobSpec) -> EnqueueResult:
+        """Queue a job whose spec.json is already in its directory.
+
+        The arq job id is the reelqueue job id, so a second enqueue of the same id is
+        refused by arq and reported here as ``accepted=False``.
+        """
+        key = state_key(spec.id)
+        created = spec.created_at.timestamp()
+        if not await self.redis.exists(key):
+            await self.redis.hset(key, mapping={
+                "id": spec.id,
+                "status": JobStatus.queued,
+                "kind": spec.kind,
+                "channel": spec.source.channel,
+                "submitted_by": spec.submitted_by,
+                "prompt": spec.prompt[:200],
+                "created_at": str(created),
+                "stage": "queued",
+                "percent": "0",
+                "message": "",
+            })
+            await self.redis.zadd(RECENT_KEY, {spec.id: created})
+        job = await self.redis.enqueue_job(
+            RUN_FUNCTION, spec.id, _job_id=spec.id, _expires=JOB_EXPIRY_S
+        )
+        position = await self.queue_position(spec.id)
+        if job is not None:
+            await self._publish(spec.id, status=JobStatus.queued)
+        return EnqueueResult(spec.id, job is not None, position)
+
+    # --- live state -------------------------------------------------------------------
+
+    async def get_state(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(state_key(job_id))
+        if not raw:
+            return None
+        state: dict[str, Any] = _decode(raw)
+        state["percent"] = float(state.get("percent") or 0)
+        if state.get("status") == JobStatus.queued:
+            state["position"] = await self.queue_position(job_id)
+        return state
+
+    async def update_state(self, job_id: str, **fields: Any) -> None:
+        values = {k: ("" if v is None else str(v)) for k, v in fields.items()}
+        values["updated_at"] = str(_now())
+        await self.redis.hset(state_key(job_id), mapping=values)
+        await self._publish(job_id, **fields)
+
+    async def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> None:
+        """Record a final state and queue its delivery, atomically."""
+        key = state_key(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={
+                "status": status,
+                "error": error or "",
+                "stage": status,
+                "percent": "100" if status == JobStatus.done else "0",
+                "finished_at": str(_now()),
+                "updated_at": str(_now()),
+            })
+            pipe.expire(key, int(self.keep_results_s))
+            pipe.lpush(DELIVERIES_KEY, job_id)
+            await pipe.execute()
+        await self._publish(job_id, status=status, error=error)
+
+    async def _publish(self, job_id: str, **fields: Any) -> None:
+        message = {"id": job_id, **{k: str(v) for k, v in fields.items() if v is not None}}
+        await self.redis.publish(EVENTS_CHANNEL, json.dumps(message))
+
+    async def queue_length(self) -> int:
+        return await self.redis.zcard(QUEUE_NAME)
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start; None when not waiting in the queue."""
+        if await self.redis.exists(in_progress_key_prefix + job_id):
+            return None
+        rank = await self.redis.zrank(QUEUE_NAME, job_id)
+        if rank is None:
+            return None
+        # Running jobs stay in arq's queue until they finish: don't count them as ahead.
+        ahead = await self.redis.zrange(QUEUE_NAME, 0, rank - 1) if rank else []
+        keys = [in_progress_key_prefix + a.decode() for a in ahead]
+        running = await self.redis.exists(*keys) if keys else 0
+        return rank + 1 - running
+
+    async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        ids = await self.redis.zrevrange(RECENT_KEY, 0, limit - 1)
+        jobs = []
+        for raw_id in ids:
+            state = await self.get_state(raw_id.decode())
+            if state is None:  # expired: drop it from the index too
+                await self.redis.zrem(RECENT_KEY, raw_id)
+                continue
+            jobs.append(state)
+        return jobs
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a queued job or interrupt a running one. Returns what happened."""
+        state = await self.get_state(job_id)
+        if state is None:
+            return "unknown"
+        if JobStatus(state["status"]).finished:
+            return "finished"
+        job = Job(job_id, self.redis, _queue_name=QUEUE_NAME)
+        if await job.status() == ArqJobStatus.queued:
+            # Not started: take it out of the queue and answer the sender now.
+            removed = await self.redis.zrem(QUEUE_NAME, job_id)
+            if removed:
+                await self.redis.delete(job_key_prefix + job_id)
+                await self.finish(job_id, JobStatus.cancelled, "cancelled before it started")
+                return "cancelled"
+        # Running (or just starting): the worker sees the abort and stops at the next step.
+        await self.redis.zadd(abort_jobs_ss, {job_id: int(_now() * 1000)})
+        await self.update_state(job_id, message="cancelling…")
+        return "cancelling"
+
+    # --- workers ------------------------------------------------------------------------
+
+    async def workers(self) -> list[dict[str, Any]]:
+        keys = await self.redis.keys(worker_key("*"))
+        beats = []
+        for key in keys:
+            raw = await self.redis.get(key)
+            if raw:
+                beat = json.loads(raw)
+                beat["age_s"] = round(_now() - beat["ts"], 1)
+                beats.append(beat)
+        return sorted(beats, key=lambda b: b["name"])
+
+    # --- deliveries ----------------------------------------------------------------------
+
+    async def next_delivery(self, timeout_s: float) -> str | None:
+        """Move one pending delivery to the active list and return its job id."""
+        raw = await self.redis.blmove(DELIVERIES_KEY, DELIVERIES_ACTIVE_KEY, timeout_s,
+                                      "RIGHT", "LEFT")
+        return raw.decode() if raw else None
+
+    async def delivery_done(self, job_id: str) -> None:
+        await self.redis.lrem(DELIVERIES_ACTIVE_KEY, 0, job_id)
+
+    async def delivery_retry_later(self, job_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrem(DELIVERIES_ACTIVE_KEY, 0, job_id)
+            pipe.lpush(DELIVERIES_KEY, job_id)
+            await pipe.execute()
+
+    async def requeue_active_deliveries(self) -> int:
+        """At daemon start: deliveries a crashed daemon was in the middle of go back."""
+        moved = 0
+        while await self.redis.lmove(DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, "RIGHT", "LEFT"):
+            moved += 1
+        return moved
+
+
+def utc_from_ts(value: str | float | None) -> datetime | None:
+    if value in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(value), UTC)

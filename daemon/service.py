@@ -1,0 +1,42 @@
+"""The daemon process: runs the intakes and delivers results, in one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from daemon.config import Config
+from daemon.delivery import DeliveryLoop
+from daemon.logs import get_logger
+from daemon.queue import QueueClient
+from daemon.redis_server import ensure_redis
+
+log = get_logger(component="daemon")
+
+
+async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
+    from intake.folder import FolderIntake  # intakes build on the daemon, not the reverse
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    url, owned_redis = await asyncio.to_thread(ensure_redis, config.state_dir, config.redis.url)
+    queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results)
+    intakes = [FolderIntake(folder, config, queue) for folder in config.intake.folder]
+    delivery = DeliveryLoop(config, queue)
+    try:
+        for intake in intakes:
+            await intake.start()
+        delivery_task = asyncio.create_task(delivery.run(stop))
+        log.info("daemon ready", redis=url, folders=[str(i.path) for i in intakes])
+        await stop.wait()
+        log.info("daemon stopping")
+        for intake in intakes:
+            await intake.stop()
+        await delivery_task
+    finally:
+        await queue.close()
+        if owned_redis is not None:
+            await asyncio.to_thread(owned_redis.stop)

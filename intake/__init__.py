@@ -1,0 +1,1 @@
+"""The front doors: the drop folder (and, later, HTTP and chat)."""

@@ -1,0 +1,387 @@
+"""The drop folder: a watched inbox where a file becomes a job, and where results
+come back (``done/``) or failures are explained (``failed/``).
+
+A file is taken only when it is complete: after a close-after-write or a moved-in
+event, its size and mtime must hold still briefly; with no such event (a network
+share on the polling observer, a file found by the start-up scan) they must hold
+still for the folder's ``settle`` time. Hidden, temp and partial names are ignored.
+The request file stays in the inbox until its job is delivered, so a lost queue is
+recovered by the next scan; job ids derive from folder, name and content, so seeing
+the same file twice queues it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from daemon import files
+from daemon.config import Config, FolderIntakeConfig
+from daemon.jobs import (
+    Channel,
+    JobError,
+    JobOutcome,
+    JobSpec,
+    JobStatus,
+    Source,
+    derive_job_id,
+    job_dir,
+    write_spec,
+)
+from daemon.logs import get_logger
+from daemon.queue import QueueClient
+from intake.jobfile import parse_request
+
+IGNORED_PATTERNS = (".*", "*~", "*.tmp", "*.part", "*.swp", "*.crdownload")
+DONE, FAILED = "done", "failed"
+# After close-write or a rename into the folder the writer is done: the file only has to
+# hold still for one more look.
+CLOSED_SETTLE_S = 0.05
+UNCLOSED_GRACE = 5  # a written file never seen closed is taken after settle × this
+RESCAN_S = 30.0  # a safety net for missed events (inotify queue overflow, odd shares)
+TICK_S = 0.05
+
+log = get_logger(component="folder")
+
+
+def is_ignored(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in IGNORED_PATTERNS)
+
+
+def unique_stem(directory: Path, stem: str, suffixes: list[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``… so that no ``<stem><suffix>`` exists yet."""
+    candidate, n = stem, 1
+    while any((directory / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+@dataclass
+class _Pending:
+    signature: tuple[int, int]
+    stable_since: float
+    closed: bool | None  # True: closed or moved in; False: being written; None: unknown
+
+
+class _EventForwarder(FileSystemEventHandler):
+    """Runs in watchdog's thread; hands events to the intake's event loop."""
+
+    def __init__(self, intake: FolderIntake, loop: asyncio.AbstractEventLoop):
+        self.intake = intake
+        self.loop = loop
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, DirCreatedEvent) or event.is_directory:
+            return
+        self.loop.call_soon_threadsafe(self.intake.on_event, event)
+
+
+class FolderIntake:
+    def __init__(self, folder: FolderIntakeConfig, config: Config, queue: QueueClient):
+        self.folder = folder
+        self.path = folder.path
+        self.config = config
+        self.queue = queue
+        self.pending: dict[Path, _Pending] = {}
+        self.taken: dict[Path, tuple[int, int]] = {}
+        self._observer: Observer | PollingObserver | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_scan = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sub in ("", DONE, FAILED):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        if self.folder.poll:
+            self._observer = PollingObserver(timeout=self.folder.poll_interval)
+        else:
+            self._observer = Observer()
+        self._observer.schedule(_EventForwarder(self, loop), str(self.path), recursive=False)
+        self._observer.start()
+        self.scan()
+        self._task = asyncio.create_task(self._run())
+        log.info("watching folder", folder=str(self.path), kind=self.folder.kind,
+                 poll=self.folder.poll)
+
+    async def stop(self) -> None:
+        if self._observer:
+            self._observer.stop()
+            await asyncio.to_thread(self._observer.join, 5)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- noticing files -------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Queue every candidate file in the inbox for a (settled) look."""
+        self._last_scan = time.monotonic()
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                self._notice(Path(entry.path), closed=None)
+
+    def on_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileMovedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+            self._notice(Path(os.fsdecode(event.dest_path)), closed=True)
+        elif isinstance(event, FileDeletedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileClosedEvent):
+            self._notice(Path(os.fsdecode(event.src_path)), closed=True)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            # The polling observer never reports a close: its files settle by time alone.
+            self._notice(Path(os.fsdecode(event.src_path)),
+                         closed=None if self.folder.poll else False)
+
+    def _forget(self, path: Path) -> None:
+        self.pending.pop(path, None)
+        self.taken.pop(path, None)
+
+    def _notice(self, path: Path, closed: bool | None) -> None:
+        if path.parent != self.path or is_ignored(path.name):
+            return
+        entry = self.pending.get(path)
+        if entry is None:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self.taken.get(path) == signature:
+                return  # an echo of a file we already took, unchanged
+            self.pending[path] = _Pending(signature, time.monotonic(), closed)
+        elif closed is not None:
+            entry.closed = closed
+            entry.stable_since = time.monotonic()
+
+    def _ready(self, path: Path, entry: _Pending, now: float) -> bool | None:
+        """True: take it; False: wait; None: it is gone."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if signature != entry.signature:
+            entry.signature, entry.stable_since = signature, now
+            return False
+        held = now - entry.stable_since
+        if entry.closed is True:
+            return held >= CLOSED_SETTLE_S
+        if entry.closed is False:
+            return held >= self.folder.settle * UNCLOSED_GRACE
+        return held >= self.folder.settle
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            if now - self._last_scan > RESCAN_S:
+                self.scan()
+            for path, entry in list(self.pending.items()):
+                ready = self._ready(path, entry, now)
+                if ready is None:
+                    self.pending.pop(path, None)
+                elif ready:
+                    self.pending.pop(path, None)
+                    self.taken[path] = entry.signature
+                    try:
+                        await self.take(path)
+                    except Exception:
+                        # Never let one file stop the intake; it is retried on the next scan.
+                        self.taken.pop(path, None)
+                        log.exception("could not take file", file=str(path))
+            await asyncio.sleep(TICK_S)
+
+    # --- taking a file -------------------------------------------------------------------
+
+    async def take(self, path: Path) -> str | None:
+        """Turn a settled file into a queued job (or a rejection). Returns the job id."""
+        try:
+            spec = await asyncio.to_thread(self._prepare, path)
+        except FileNotFoundError:
+            log.info("file vanished before it was taken", file=path.name)
+            return None
+        except JobError as exc:
+            await asyncio.to_thread(reject, path, str(exc))
+            return None
+        if spec is None:
+            return None
+        result = await self.queue.enqueue(spec)
+        log.info("job queued" if result.accepted else "job already known", job_id=spec.id,
+                 file=path.name, position=result.position)
+        return spec.id
+
+    def _prepare(self, path: Path) -> JobSpec | None:
+        limit = int(self.folder.max_file_mb * 1024 * 1024)
+        size = path.stat().st_size
+        if size > limit:
+            raise JobError(
+                f"the file is {size / 1024 / 1024:.1f} MB; this folder takes files up to "
+                f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb). A prompt "
+                "is a few lines of text"
+            )
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+        request = parse_request(path.name, data, self.folder.kind, self.folder.options)
+        job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, data)
+        if job_id is None:
+            return None
+        spec = JobSpec(
+            id=job_id,
+            kind=request.kind,
+            prompt=request.prompt,
+            inputs=[path.name],
+            options=request.options,
+            source=Source(channel=Channel.folder, folder=str(self.path), filename=path.name),
+            submitted_by=_owner_name(path),
+            priority=self.folder.priority,
+        )
+        directory = job_dir(self.config.jobs_dir, job_id)
+        if not (directory / "spec.json").exists():
+            files.write_bytes(directory / "inputs" / path.name, data)
+            write_spec(self.config.jobs_dir, spec)
+        return spec
+
+
+def folder_job_id(jobs_root: Path, folder: Path, name: str, data: bytes) -> str | None:
+    """The job id for file ``name`` with content ``data`` in watch folder ``folder``.
+
+    Deterministic, so the same file seen twice is one job. A job already delivered
+    means this is a new drop of the same file: it gets the next generation's id. None
+    while that file's job is being delivered (it is on its way out of the inbox).
+    """
+    content = hashlib.sha256(data).hexdigest()
+    generation = 1
+    while True:
+        parts = [str(folder), name, content] + ([str(generation)] if generation > 1 else [])
+        job_id = derive_job_id(*parts)
+        delivered = _delivery_finished(job_dir(jobs_root, job_id))
+        if delivered is None:
+            return job_id  # new, or queued / running: enqueueing again is a no-op
+        if delivered is False:
+            return None
+        generation += 1
+
+
+def _owner_name(path: Path) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, ImportError, OSError):
+        return ""
+
+
+# --- answering in the folder ------------------------------------------------------------
+
+
+def reject(path: Path, reason: str, job_id: str | None = None) -> Path:
+    """Move a request to ``failed/`` with an ``.error.txt`` that explains why."""
+    inbox = path.parent
+    target = inbox / FAILED
+    stem = unique_stem(target, path.stem, [path.suffix, ".error.txt"])
+    files.write_text(target / f"{stem}.error.txt", _error_text(path.name, reason, job_id, inbox))
+    if path.exists():
+        files.move_file(path, target / f"{stem}{path.suffix}")
+    log.info("request rejected", file=path.name, reason=reason)
+    return target / f"{stem}.error.txt"
+
+
+def _error_text(filename: str, reason: str, job_id: str | None, inbox: Path) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    job = f" (job {job_id})" if job_id else ""
+    return (
+        f'reelqueue could not make "{filename}"{job}.\n\n'
+        f"Reason: {reason}.\n\n"
+        f"Your request file was moved here unchanged. Fix it and drop it into {inbox} again.\n"
+        f"({when})\n"
+    )
+
+
+def _delivery_finished(directory: Path) -> bool | None:
+    plan = directory / "delivery.json"
+    if not plan.exists():
+        return None
+    return bool(json.loads(plan.read_text(encoding="utf-8")).get("delivered"))
+
+
+def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, str]:
+    """Put a finished job's results (or its failure) beside its request.
+
+    Idempotent: the chosen names are recorded in ``delivery.json`` before anything is
+    written, so a delivery interrupted by a crash finishes under the same names. The
+    request leaves the inbox last.
+    """
+    from workers.pipelines.report import write_html  # the report page links the video by name
+
+    inbox = Path(spec.source.folder or "")
+    request = inbox / (spec.source.filename or "")
+    plan_path = directory / "delivery.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        if plan.get("delivered"):
+            return plan["files"]
+    else:
+        ok = outcome.status == JobStatus.done
+        target = inbox / (DONE if ok else FAILED)
+        primary_suffix = Path(outcome.primary).suffix if ok and outcome.primary else ""
+        suffixes = [request.suffix] + (
+            [primary_suffix, ".report.json", ".report.html"] if ok else [".error.txt"]
+        )
+        stem = unique_stem(target, request.stem, suffixes)
+        names = {"request": f"{stem}{request.suffix}"}
+        if ok:
+            names |= {"primary": f"{stem}{primary_suffix}", "report.json": f"{stem}.report.json",
+                      "report.html": f"{stem}.report.html"}
+        else:
+            names |= {"error": f"{stem}.error.txt"}
+        plan = {"target": str(target), "files": {k: str(target / v) for k, v in names.items()},
+                "delivered": False}
+        files.write_json(plan_path, plan)
+
+    out = {k: Path(v) for k, v in plan["files"].items()}
+    if outcome.status == JobStatus.done:
+        files.copy_file(directory / outcome.primary, out["primary"])
+        files.copy_file(directory / "report.json", out["report.json"])
+        write_html(directory, out["report.html"], video_name=out["primary"].name)
+    else:
+        reason = outcome.error or outcome.status.value
+        files.write_text(out["error"], _error_text(request.name, reason, spec.id, inbox))
+    if request.exists():
+        files.move_file(request, out["request"])
+    elif not out["request"].exists():
+        # The user removed it from the inbox meanwhile: answer with the copy we kept.
+        files.copy_file(directory / "inputs" / request.name, out["request"])
+    plan["delivered"] = True
+    files.write_json(plan_path, plan)
+    log.info("results delivered", job_id=spec.id, status=outcome.status,
+             files=[p.name for p in out.values()])
+    return plan["files"]

@@ -1,0 +1,199 @@
+"""End to end with real processes: Redis, `reelqueue daemon`, `reelqueue worker`,
+`reelqueue up`, and the CLI, including crashes and restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+from tests.conftest import REPO, write_config, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+FOX = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。\n".encode()
+
+
+def inbox_of(config_file: Path) -> Path:
+    inbox = config_file.parent / "inbox"
+    inbox.mkdir(exist_ok=True)
+    return inbox
+
+
+def drop(inbox: Path, name: str, data: bytes) -> Path:
+    tmp = inbox / f".{name}.part"
+    tmp.write_bytes(data)
+    tmp.rename(inbox / name)
+    return inbox / name
+
+
+def job_logs(config_file: Path) -> dict[str, list[dict]]:
+    jobs = config_file.parent / "var" / "jobs"
+    return {d.name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+            for d in jobs.iterdir() if (d / "log.jsonl").exists()}
+
+
+def starts(events: list[dict]) -> int:
+    return sum(1 for e in events if e["event"] == "job started")
+
+
+def run_cli(config_file: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config_file),
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_drop_a_prompt_get_a_video_and_report(config_file, spawn):
+    spawn("daemon")
+    spawn("worker")
+    inbox = inbox_of(config_file)
+    drop(inbox, "fox.txt", FOX)
+    done = inbox / "done"
+    wait_for(lambda: (done / "fox.txt").exists(), timeout=60, what="delivery")
+    assert not (inbox / "fox.txt").exists()
+    report = json.loads((done / "fox.report.json").read_text())
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(done / "fox.mp4"))
+    assert report["status"] == "done" and report["kind"] == "video"
+    assert frames == report["output"]["frames"]
+    assert abs(seconds - report["output"]["duration_s"]) < 0.2
+    assert sum(s["duration_s"] for s in report["storyboard"]["scenes"]) == pytest.approx(
+        report["output"]["duration_s"], abs=0.01)
+    assert 'fox.mp4' in (done / "fox.report.html").read_text()
+    assert not [p for p in done.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    # The same file dropped again after delivery is a new request, answered beside the first.
+    drop(inbox, "fox.txt", FOX)
+    wait_for(lambda: (done / "fox-2.txt").exists(), timeout=60, what="second delivery")
+    assert (done / "fox-2.mp4").exists() and (done / "fox.mp4").exists()
+
+
+def test_a_failing_job_is_explained_in_failed(tmp_path, redis_url, spawn):
+    config_file = write_config(tmp_path, redis_url,
+                               video="width = 128\nheight = 96\nfps = 8\nscene_seconds = 3\n"
+                                     'font = "fonts/missing.ttf"')
+    spawn("daemon")
+    spawn("worker")
+    inbox = inbox_of(config_file)
+    drop(inbox, "doomed.txt", b"a red fox runs through the snow")
+    error = inbox / "failed" / "doomed.error.txt"
+    wait_for(error.exists, timeout=60, what="failure delivery")
+    assert "font" in error.read_text() and "missing.ttf" in error.read_text()
+    assert (inbox / "failed" / "doomed.txt").read_bytes() == b"a red fox runs through the snow"
+
+
+def test_daemon_killed_with_jobs_queued_loses_nothing_and_runs_nothing_twice(config_file, spawn):
+    daemon = spawn("daemon")
+    inbox = inbox_of(config_file)
+    for n in range(3):
+        drop(inbox, f"job{n}.txt", f"a red fox, take {n}".encode())
+    wait_for(lambda: len(job_logs_or_specs(config_file)) == 3, what="three specs")
+    time.sleep(0.5)
+    daemon.kill()
+    spawn("daemon")  # restarted: rescans the inbox; the queue already holds the jobs
+    spawn("worker")
+    done = inbox / "done"
+    wait_for(lambda: len(list(done.glob("job*.txt"))) == 3, timeout=90, what="3 deliveries")
+    time.sleep(1.5)  # anything run twice would show up now
+    assert sorted(p.name for p in done.glob("*.mp4")) == ["job0.mp4", "job1.mp4", "job2.mp4"]
+    assert list(inbox.glob("*.txt")) == []
+    assert all(starts(events) == 1 for events in job_logs(config_file).values())
+
+
+def job_logs_or_specs(config_file: Path) -> list[Path]:
+    jobs = config_file.parent / "var" / "jobs"
+    return list(jobs.glob("*/spec.json")) if jobs.exists() else []
+
+
+def test_worker_killed_mid_job_resumes_and_reuses_finished_scenes(config_file, spawn):
+    spawn("daemon")
+    worker = spawn("worker")
+    inbox = inbox_of(config_file)
+    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls. "
+                     "Stars appear. The fox sleeps. Dawn comes.",
+           "width": 480, "height": 272, "fps": 16, "duration": 24}
+    drop(inbox, "long.json", json.dumps(job).encode())
+    scenes = config_file.parent / "var" / "jobs"
+    wait_for(lambda: list(scenes.glob("*/scenes/*.mp4")), timeout=60, what="a first scene clip")
+    worker.kill()
+    finished_before = {p.name for p in scenes.glob("*/scenes/*.mp4")}
+    assert not (inbox / "done" / "long.mp4").exists()
+    restarted = time.monotonic()
+    spawn("worker")  # same worker name: it recognises its dead predecessor's job at once
+    wait_for(lambda: (inbox / "done" / "long.mp4").exists(), timeout=90, what="the resumed job")
+    assert time.monotonic() - restarted < 60
+    [events] = job_logs(config_file).values()
+    assert starts(events) == 2
+    reused = {e.get("clip") for e in events if e["event"] == "reusing scene clip"}
+    assert finished_before <= {Path(c).name for c in reused if c}
+
+
+def test_redis_unreachable_gives_a_clear_message(tmp_path):
+    config_file = write_config(tmp_path, "redis://127.0.0.1:1/0")
+    for command in (["status"], ["jobs"], ["worker"], ["daemon"]):
+        result = run_cli(config_file, *command)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_submit_wait_status_jobs_and_cancel(config_file, spawn):
+    spawn("daemon")
+    queued = run_cli(config_file, "submit", "a", "lonely", "fox", "-o", "duration=3")
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.split("queued job ")[1].split()[0]
+    cancelled = run_cli(config_file, "cancel", job_id)
+    assert "cancelled before it started" in cancelled.stdout
+    status = run_cli(config_file, "status", job_id)
+    assert "cancelled" in status.stdout
+    spawn("worker")
+    waited = run_cli(config_file, "submit", "a red fox in the snow", "-o", "duration=3",
+                     "--wait", timeout=90)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "done" in waited.stdout and ".mp4" in waited.stdout
+    listing = run_cli(config_file, "jobs")
+    assert "cancelled" in listing.stdout and "done" in listing.stdout
+    overview = run_cli(config_file, "status")
+    assert "queue length: 0" in overview.stdout and "worker test-worker" in overview.stdout
+    bad = run_cli(config_file, "submit", "x", "-o", "fps=0")
+    assert bad.returncode == 1 and "option 'fps'" in bad.stderr
+
+
+def test_cancel_a_running_job(config_file, spawn):
+    spawn("daemon")
+    spawn("worker")
+    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets.",
+           "width": 640, "height": 360, "fps": 24, "duration": 24}
+    inbox = inbox_of(config_file)
+    drop(inbox, "stop-me.json", json.dumps(job).encode())
+    jobs = config_file.parent / "var" / "jobs"
+    wait_for(lambda: any("render" in (d / "log.jsonl").read_text()
+                         for d in jobs.glob("*") if (d / "log.jsonl").exists())
+             or list(jobs.glob("*/scenes/*.mp4")), timeout=60, what="rendering")
+    [job_id] = [d.name for d in jobs.iterdir()]
+    result = run_cli(config_file, "cancel", job_id)
+    assert result.returncode == 0 and "running" in result.stdout, result.stdout
+    error = inbox / "failed" / "stop-me.error.txt"
+    wait_for(error.exists, timeout=30, what="the cancellation notice")
+    assert "cancelled" in error.read_text()
+
+
+def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path):
+    config_file = write_config(tmp_path, "")  # embedded Redis, started by `up`
+    inbox = inbox_of(config_file)
+    up = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config_file),
+                           "up"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        drop(inbox, "fox.txt", FOX)
+        wait_for(lambda: (inbox / "done" / "fox.mp4").exists(), timeout=90, what="delivery")
+    finally:
+        up.send_signal(2)  # Ctrl-C
+        output = up.communicate(timeout=60)[0].decode()
+    assert up.returncode == 0, output
+    socket = tmp_path / "var" / "redis" / "redis.sock"
+    assert not socket.exists()  # the embedded Redis was shut down with it
+    assert (tmp_path / "var" / "redis" / "appendonly.aof").exists() or \
+        (tmp_path / "var" / "redis" / "appendonlydir").exists()

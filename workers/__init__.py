@@ -1,0 +1,1 @@
+"""The GPU worker: arq settings, the job runner, GPU helpers and the pipelines."""

@@ -1,0 +1,272 @@
+"""The GPU worker: an arq ``Worker`` with ``max_jobs=1`` that runs one job at a time.
+
+Each job runs in a thread (``workers.runner``) so the event loop stays free for
+heartbeats, progress and cancel requests. Around arq's own bookkeeping this adds:
+
+- a heartbeat (``reelqueue:worker:<name>``) and a claim on the running job
+  (``reelqueue:running:<id>``) that both expire when the worker dies;
+- orphan recovery: a job whose worker died (SIGKILL, OOM killer, power loss) is handed
+  back to the queue within seconds instead of after arq's job timeout;
+- a crash budget: a job that kept killing its worker fails visibly after
+  ``[worker] max_tries`` starts instead of crash-looping;
+- graceful stop: on SIGTERM/SIGINT the job stops at its next checkpoint (finished
+  scene clips stay) and goes back to the queue for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq import Worker, func
+from arq.constants import in_progress_key_prefix
+
+from daemon.config import Config
+from daemon.jobs import JobOutcome, JobStatus, job_dir, read_spec
+from daemon.logs import get_logger
+from daemon.queue import (
+    QUEUE_NAME,
+    RUN_FUNCTION,
+    QueueClient,
+    attempts_key,
+    redis_settings,
+    running_key,
+    worker_key,
+)
+from workers.gpu import device_name
+from workers.runner import Cancellation, Interrupted, run_job_sync
+
+HEARTBEAT_S = 3.0
+CLAIM_TTL_S = 20  # a dead worker's claim on its job lapses after this
+ORPHAN_GRACE_MS = 15_000  # arq marks a job in progress a moment before we claim it
+PROGRESS_MIN_INTERVAL_S = 0.25
+
+log = get_logger(component="worker")
+
+
+@dataclass
+class WorkerState:
+    config: Config
+    name: str
+    queue: QueueClient = None  # type: ignore[assignment]  # set at startup from arq's pool
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    device: str = "cpu"
+    arq_worker: Worker | None = None
+    current_job: str | None = None
+    current_stage: str = ""
+    heartbeat_task: asyncio.Task[None] | None = None
+
+    @property
+    def claim(self) -> str:
+        return f"{self.name}|{self.instance}"
+
+    @property
+    def in_progress_ttl_ms(self) -> int:
+        # arq sets its in-progress marker to live job_timeout + 10 s.
+        return int((self.config.worker.job_timeout + 10) * 1000)
+
+
+def default_worker_name() -> str:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0] or "0"
+    return f"{socket.gethostname()}-gpu{gpu}"
+
+
+async def _beat(state: WorkerState) -> None:
+    redis = state.queue.redis
+    beat = {
+        "name": state.name,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": state.device,
+        "job_id": state.current_job,
+        "stage": state.current_stage,
+        "ts": time.time(),
+    }
+    await redis.set(worker_key(state.name), json.dumps(beat), ex=int(HEARTBEAT_S * 5))
+    if state.current_job:
+        await redis.set(running_key(state.current_job), state.claim, ex=CLAIM_TTL_S)
+
+
+async def recover_orphans(state: WorkerState) -> list[str]:
+    """Hand back jobs that arq still marks in progress but whose worker is gone."""
+    redis = state.queue.redis
+    recovered = []
+    for key in await redis.keys(in_progress_key_prefix + "*"):
+        job_id = key.decode().removeprefix(in_progress_key_prefix)
+        owner = await redis.get(running_key(job_id))
+        if owner:
+            name, _, instance = owner.decode().partition("|")
+            # Same worker name, another instance: that is us before a crash.
+            if name != state.name or instance == state.instance:
+                continue
+        else:
+            age_ms = state.in_progress_ttl_ms - await redis.pttl(key)
+            if age_ms < ORPHAN_GRACE_MS:
+                continue
+        await redis.delete(key, running_key(job_id))
+        recovered.append(job_id)
+        log.warning("job's worker died; handing the job back to the queue", job_id=job_id)
+    return recovered
+
+
+async def _heartbeat_loop(state: WorkerState) -> None:
+    while True:
+        try:
+            await _beat(state)
+            await recover_orphans(state)
+        except Exception as exc:  # Redis restarting: keep beating once it is back
+            log.warning("heartbeat failed", error=str(exc))
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    state: WorkerState = ctx["reelqueue"]
+    state.queue = QueueClient(ctx["redis"], keep_results_s=state.config.worker.keep_results)
+    state.device = await asyncio.to_thread(device_name)
+    await _beat(state)
+    await recover_orphans(state)
+    state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))
+    log.info("worker ready", name=state.name, device=state.device, queue=QUEUE_NAME)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    state: WorkerState = ctx["reelqueue"]
+    if state.heartbeat_task:
+        state.heartbeat_task.cancel()
+    await state.queue.redis.delete(worker_key(state.name))
+    log.info("worker stopped", name=state.name)
+
+
+def _progress_publisher(state: WorkerState, job_id: str, loop: asyncio.AbstractEventLoop):
+    """A thread-safe progress callback that sends at most a few updates per second."""
+    last = {"t": 0.0, "stage": ""}
+
+    def publish(stage: str, percent: float, message: str) -> None:
+        now = time.monotonic()
+        if stage == last["stage"] and now - last["t"] < PROGRESS_MIN_INTERVAL_S:
+            return
+        last.update(t=now, stage=stage)
+        state.current_stage = stage
+        update = state.queue.update_state(
+            job_id, stage=stage, percent=round(percent, 1), message=message
+        )
+        asyncio.run_coroutine_threadsafe(update, loop)
+
+    return publish
+
+
+async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
+    """arq's entry point: run one reelqueue job to a final, delivered-to-queue state."""
+    state: WorkerState = ctx["reelqueue"]
+    config, queue, redis = state.config, state.queue, state.queue.redis
+    bound = log.bind(job_id=job_id)
+    directory = job_dir(config.jobs_dir, job_id)
+
+    previous = JobOutcome.read(directory)
+    if previous is not None:
+        # Finished before a crash kept it from being recorded in Redis: record it, don't redo it.
+        await queue.finish(job_id, previous.status, previous.error)
+        return {"status": previous.status}
+
+    try:
+        spec = read_spec(config.jobs_dir, job_id)
+    except (OSError, ValueError) as exc:
+        await queue.finish(job_id, JobStatus.failed, f"the job's spec could not be read: {exc}")
+        return {"status": JobStatus.failed}
+
+    attempts = await redis.incr(attempts_key(job_id))
+    await redis.expire(attempts_key(job_id), int(config.worker.keep_results))
+    if attempts > config.worker.max_tries:
+        error = (
+            f"the job was started {attempts - 1} times and each time its worker died "
+            "(crash, out-of-memory kill or power loss); it was stopped so it cannot take "
+            "the queue down with it"
+        )
+        JobOutcome(JobStatus.failed, error=error).write(directory)
+        await queue.finish(job_id, JobStatus.failed, error)
+        return {"status": JobStatus.failed}
+
+    state.current_job, state.current_stage = job_id, "starting"
+    await redis.set(running_key(job_id), state.claim, ex=CLAIM_TTL_S)
+    started = time.time()
+    queue_wait = max(0.0, started - spec.created_at.timestamp())
+    await queue.update_state(
+        job_id, status=JobStatus.running, stage="starting", percent=0, message="",
+        started_at=started, worker=state.name, attempt=attempts,
+    )
+    bound.info("job started", attempt=attempts, queue_wait_s=round(queue_wait, 3))
+
+    cancellation = Cancellation()
+    loop = asyncio.get_running_loop()
+    job_timeout = config.worker.job_timeout
+    work = asyncio.ensure_future(asyncio.to_thread(
+        run_job_sync, spec, config,
+        on_progress=_progress_publisher(state, job_id, loop),
+        cancellation=cancellation, queue_wait_s=queue_wait, job_timeout_s=job_timeout,
+    ))
+    try:
+        try:
+            outcome = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # arq cancelled us: a user's abort, the job timeout, or a worker shutdown.
+            if state.arq_worker and job_id in state.arq_worker.aborting_tasks:
+                cancellation.set(Cancellation.USER)
+            elif time.time() - started >= job_timeout * 0.99:
+                cancellation.set(Cancellation.TIMEOUT)
+            else:
+                cancellation.set(Cancellation.SHUTDOWN)
+            bound.info("stopping job", reason=cancellation.reason)
+            try:
+                outcome = await _wait_uncancellable(work)
+            except Interrupted:
+                # A clean stop is not a crash: give the attempt back, and run it next start.
+                await redis.decr(attempts_key(job_id))
+                await queue.update_state(job_id, status=JobStatus.queued, stage="queued",
+                                         percent=0, message="interrupted by a worker stop; "
+                                         "it resumes on the next start")
+                raise
+            await queue.finish(job_id, outcome.status, outcome.error)
+            raise
+        await queue.finish(job_id, outcome.status, outcome.error)
+        await redis.delete(attempts_key(job_id))
+        bound.info("job finished", status=outcome.status, error=outcome.error)
+        return {"status": outcome.status}
+    finally:
+        await redis.delete(running_key(job_id))
+        state.current_job, state.current_stage = None, ""
+
+
+async def _wait_uncancellable(work: asyncio.Future[JobOutcome]) -> JobOutcome:
+    """Wait for the job thread to stop, even if we are cancelled again meanwhile."""
+    while True:
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if work.done():
+                return work.result()
+
+
+def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:
+    """Build the arq worker for ``config``; call ``.run()`` on it."""
+    state = WorkerState(config=config, name=name or config.worker.name or default_worker_name())
+    worker = Worker(
+        functions=[func(run_job, name=RUN_FUNCTION, max_tries=10_000)],  # we count tries
+        queue_name=QUEUE_NAME,
+        redis_settings=redis_settings(redis_url),
+        max_jobs=1,
+        job_timeout=config.worker.job_timeout,
+        keep_result=config.worker.keep_results,
+        allow_abort_jobs=True,
+        poll_delay=0.1,  # an idle worker starts a new job within ~0.1 s
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"reelqueue": state},
+    )
+    state.arq_worker = worker
+    return worker

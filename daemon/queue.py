@@ -120,7 +120,12 @@ class QueueClient:
         """
         key = state_key(spec.id)
         created = spec.created_at.timestamp()
-        if not await self.redis.exists(key):
+        status = await self.redis.hget(key, "status")
+        if status is not None and JobStatus(status.decode()).finished:
+            # Finished (perhaps cancelled before it started, leaving no arq record):
+            # a late duplicate of the request must not run it again.
+            return EnqueueResult(spec.id, False, None)
+        if status is None:
             await self.redis.hset(key, mapping={
                 "id": spec.id,
                 "status": JobStatus.queued,

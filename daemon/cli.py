@@ -55,7 +55,7 @@ def _redis_url(config: Config) -> str:
     return server.url
 
 
-async def _open_queue(config: Config) -> QueueClient:
+async def open_queue(config: Config) -> QueueClient:
     return await QueueClient.open(_redis_url(config), config.worker.keep_results)
 
 
@@ -113,7 +113,7 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
                    source=Source(channel=Channel.cli), submitted_by=_user())
 
     async def submit() -> int:
-        queue = await _open_queue(config)
+        queue = await open_queue(config)
         try:
             write_spec(config.jobs_dir, spec)
             result = await queue.enqueue(spec)
@@ -151,7 +151,7 @@ def _user() -> str:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     async def status() -> int:
-        queue = await _open_queue(config)
+        queue = await open_queue(config)
         try:
             if args.job_id:
                 state = await queue.get_state(args.job_id)
@@ -159,7 +159,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     _error(f"no job {args.job_id} (unknown, or its record expired)")
                     return 1
                 for key in ("id", "kind", "status", "stage", "percent", "message", "position",
-                            "error", "submitted_by", "channel", "worker"):
+                            "error", "submitted_by", "channel", "worker", "attempt"):
                     if state.get(key) not in (None, ""):
                         console.print(f"{key:>13}: {state[key]}")
                 return 0
@@ -184,7 +184,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     async def jobs() -> int:
-        queue = await _open_queue(config)
+        queue = await open_queue(config)
         try:
             table = Table("id", "kind", "status", "progress", "created", "by", "prompt / error")
             for state in await queue.recent_jobs(args.limit):
@@ -205,7 +205,7 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     async def cancel() -> int:
-        queue = await _open_queue(config)
+        queue = await open_queue(config)
         try:
             outcome = await queue.cancel(args.job_id)
         finally:
@@ -255,9 +255,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     """Start the whole stack, put one example prompt through the drop folder, stop."""
-    from daemon.progress import follow_job
     from daemon.supervisor import Supervisor
-    from intake.folder import folder_job_id
 
     folder = config.intake.folder[0]
     folder.path.mkdir(parents=True, exist_ok=True)
@@ -267,43 +265,39 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     _print_where(config)
     supervisor.start()
     try:
-        name = "fox.txt"
-        data = (DEMO_PROMPT + "\n").encode()
-        job_id = folder_job_id(config.jobs_dir, folder.path, name, data)
-        request = folder.path / name
-        if request.exists():
-            raise JobError(f"{request} is already waiting in the inbox; run `reelqueue up` to "
-                           "process it, or remove it")
-        tmp = folder.path / f".{name}.part"
-        tmp.write_bytes(data)
-        tmp.rename(request)  # renamed in, as a careful writer would
-        console.print(f"dropped [cyan]{request}[/]: {DEMO_PROMPT}")
-        return asyncio.run(_demo_wait(config, job_id, follow_job))
+        return asyncio.run(_demo_job(config, folder.path))
     finally:
         supervisor.stop()
 
 
-async def _demo_wait(config: Config, job_id: str, follow_job: Any) -> int:
-    deadline = time.monotonic() + 60
-    queue = None
-    while queue is None:
-        try:
-            queue = await _open_queue(config)
-        except RedisUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+async def _demo_job(config: Config, inbox: Path) -> int:
+    from daemon.progress import follow_job
+    from intake.folder import folder_job_id
+
+    queue = await wait_for_worker(config, timeout_s=60)
     try:
+        name = "fox.txt"
+        data = (DEMO_PROMPT + "\n").encode()
+        request = inbox / name
+        if request.exists():
+            raise JobError(f"{request} is already waiting in the inbox; run `reelqueue up` to "
+                           "process it, or remove it")
+        job_id = folder_job_id(config.jobs_dir, inbox, name, data)
+        tmp = inbox / f".{name}.part"
+        tmp.write_bytes(data)
+        tmp.rename(request)  # renamed in, as a careful writer would
+        console.print(f"dropped [cyan]{request}[/]: {DEMO_PROMPT}")
+        deadline = time.monotonic() + 60
         while await queue.get_state(job_id) is None:  # until the daemon has taken the file
             if time.monotonic() > deadline:
                 raise JobError("the daemon did not take the demo file within 60 s; see its log")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         state = await follow_job(queue, job_id, console)
     finally:
         await queue.close()
     plan = config.jobs_dir / job_id / "delivery.json"
     while not (plan.exists() and json.loads(plan.read_text()).get("delivered")):
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
     files = json.loads(plan.read_text())["files"]
     if JobStatus(state["status"]) != JobStatus.done:
         console.print(f"[red]the demo job {state['status']}[/]: {state.get('error')}")
@@ -313,6 +307,22 @@ async def _demo_wait(config: Config, job_id: str, follow_job: Any) -> int:
     for role in ("primary", "report.html", "report.json", "request"):
         console.print(f"  {role:>11}: {files[role]}")
     return 0
+
+
+async def wait_for_worker(config: Config, timeout_s: float) -> QueueClient:
+    """Connect once Redis is up and a worker has reported in."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            queue = await open_queue(config)
+            if await queue.workers():
+                return queue
+            await queue.close()
+        except RedisUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise JobError(f"no worker reported in within {timeout_s:.0f} s; see the log above")
+        await asyncio.sleep(0.1)
 
 
 # --- entry point -------------------------------------------------------------------------

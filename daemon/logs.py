@@ -31,7 +31,18 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     # arq and watchdog log through the standard library: keep them, at warning and up.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchdog.observers.inotify").addFilter(_DropWatchdogStopNoise())
 
 
-def get_logger(**bound: object) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger("reelqueue").bind(**bound)
+class _DropWatchdogStopNoise(logging.Filter):
+    """watchdog 7 logs this error on every clean observer stop (its reader thread wakes
+    once more after the watch is closed); it is not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+def get_logger(**bound: object) -> structlog.typing.FilteringBoundLogger:
+    # Initial values, not .bind(): binding resolves the logger at once, and module-level
+    # loggers would then keep structlog's defaults instead of configure_logging's.
+    return structlog.get_logger(**bound)

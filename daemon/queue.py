@@ -169,7 +169,9 @@ class QueueClient:
         """Record a final state and queue its delivery, atomically."""
         key = state_key(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
+            final = {"message": error} if error else {}
             pipe.hset(key, mapping={
+                **final,
                 "status": status,
                 "error": error or "",
                 "stage": status,

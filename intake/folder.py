@@ -60,7 +60,7 @@ DONE, FAILED = "done", "failed"
 CLOSED_SETTLE_S = 0.05
 UNCLOSED_GRACE = 5  # a written file never seen closed is taken after settle × this
 RESCAN_S = 30.0  # a safety net for missed events (inotify queue overflow, odd shares)
-TICK_S = 0.05
+RESTAT_S = 0.25  # how often a file that is still settling is looked at again
 
 log = get_logger(component="folder")
 
@@ -108,6 +108,7 @@ class FolderIntake:
         self.taken: dict[Path, tuple[int, int]] = {}
         self._observer: Observer | PollingObserver | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._last_scan = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -182,6 +183,14 @@ class FolderIntake:
         elif closed is not None:
             entry.closed = closed
             entry.stable_since = time.monotonic()
+        self._wake.set()
+
+    def _settle_time(self, entry: _Pending) -> float:
+        if entry.closed is True:
+            return CLOSED_SETTLE_S
+        if entry.closed is False:
+            return self.folder.settle * UNCLOSED_GRACE
+        return self.folder.settle
 
     def _ready(self, path: Path, entry: _Pending, now: float) -> bool | None:
         """True: take it; False: wait; None: it is gone."""
@@ -193,12 +202,15 @@ class FolderIntake:
         if signature != entry.signature:
             entry.signature, entry.stable_since = signature, now
             return False
-        held = now - entry.stable_since
-        if entry.closed is True:
-            return held >= CLOSED_SETTLE_S
-        if entry.closed is False:
-            return held >= self.folder.settle * UNCLOSED_GRACE
-        return held >= self.folder.settle
+        return now - entry.stable_since >= self._settle_time(entry)
+
+    def _next_look(self, now: float) -> float:
+        """Seconds until a pending file may be ready (or a rescan is due)."""
+        wait = RESCAN_S - (now - self._last_scan)
+        for entry in self.pending.values():
+            due = entry.stable_since + self._settle_time(entry) - now
+            wait = min(wait, due if entry.closed else min(due, RESTAT_S))
+        return max(0.0, wait)
 
     async def _run(self) -> None:
         while True:
@@ -218,7 +230,10 @@ class FolderIntake:
                         # Never let one file stop the intake; it is retried on the next scan.
                         self.taken.pop(path, None)
                         log.exception("could not take file", file=str(path))
-            await asyncio.sleep(TICK_S)
+            # Sleep until the next file may be ready, or a watcher event comes in.
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_look(time.monotonic()))
 
     # --- taking a file -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ Prints the medians, their ratio, and the median latency from the file landing in
 inbox to the worker starting the job. Targets (issue: the backbone): ratio ≤ 1.10,
 latency ≤ 1 s with an idle worker.
 
-    .venv/bin/python scripts/bench_overhead.py [--runs 5] [--size 256x144] [--scenes 3]
+    .venv/bin/python scripts/bench_overhead.py [--runs 5] [--size 256x144 --size 832x480]
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.cli import open_queue, wait_for_worker  # noqa: E402
 from daemon.config import load_config  # noqa: E402
 from daemon.jobs import Channel, JobSpec, Source, new_job_id, write_spec  # noqa: E402
 from daemon.logs import configure_logging  # noqa: E402
-from daemon.queue import QueueClient  # noqa: E402
 from daemon.supervisor import Supervisor  # noqa: E402
 from intake.jobfile import parse_request  # noqa: E402
 from workers.runner import run_job_sync  # noqa: E402
@@ -61,14 +61,14 @@ def in_process(config, run: int, args: argparse.Namespace) -> float:
 
 def full_stack(config, run: int, args: argparse.Namespace) -> tuple[float, float]:
     inbox = config.intake.folder[0].path
-    name = f"bench-{run}"
+    name = f"bench-{args.size}-{run}"
     tmp = inbox / f".{name}.json.part"
     tmp.write_bytes(job_file(run, args))
     landed = time.time()
     started = time.perf_counter()
     tmp.rename(inbox / f"{name}.json")
-    video = inbox / "done" / f"{name}.mp4"
-    while not video.exists():
+    delivered = inbox / "done" / f"{name}.json"  # the request moves last, after the results
+    while not delivered.exists():
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
     report = json.loads((inbox / "done" / f"{name}.report.json").read_text())
@@ -77,27 +77,23 @@ def full_stack(config, run: int, args: argparse.Namespace) -> tuple[float, float
 
 
 async def _state(config, job_id):
-    queue = await QueueClient.open(_url(config))
+    queue = await open_queue(config)
     try:
         return await queue.get_state(job_id)
     finally:
         await queue.close()
 
 
-def _url(config) -> str:
-    from daemon.redis_server import EmbeddedRedis
-
-    return config.redis.url or EmbeddedRedis(config.state_dir).url
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--size", default="256x144")
+    parser.add_argument("--size", action="append",
+                        help="WxH; repeat for several (default: 256x144 and 832x480)")
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--scene-seconds", type=float, default=3.0)
     args = parser.parse_args()
+    sizes = args.size or ["256x144", "832x480"]
 
     workdir = Path(tempfile.mkdtemp(prefix="reelqueue-bench-"))
     config_path = workdir / "config.toml"
@@ -108,47 +104,38 @@ def main() -> int:
     config.intake.folder[0].path.mkdir(parents=True)
     supervisor = Supervisor(config, config_path)
     supervisor.start()
+    rows = []
     try:
         asyncio.run(_wait_for_worker(config))
-        # One untimed run each way to warm caches, imports and the font.
-        in_process(config, -1, args)
-        full_stack(config, -1, args)
-        inproc, stack, latency = [], [], []
-        for run in range(args.runs):
-            inproc.append(in_process(config, run, args))
-            elapsed, start_latency = full_stack(config, run, args)
-            stack.append(elapsed)
-            latency.append(start_latency)
-            print(f"run {run + 1}: in-process {inproc[-1]:.3f} s, full stack {elapsed:.3f} s, "
-                  f"file→start {start_latency * 1000:.0f} ms", flush=True)
+        for size in sizes:
+            args.size = size
+            # One untimed run each way to warm imports, caches and the font.
+            in_process(config, 0, args)
+            full_stack(config, 0, args)
+            inproc, stack, latency = [], [], []
+            for run in range(1, args.runs + 1):
+                inproc.append(in_process(config, run, args))
+                elapsed, start_latency = full_stack(config, run, args)
+                stack.append(elapsed)
+                latency.append(start_latency)
+                print(f"{size} run {run}: in-process {inproc[-1]:.3f} s, full stack "
+                      f"{elapsed:.3f} s, file→start {start_latency * 1000:.0f} ms", flush=True)
+            rows.append((size, statistics.median(inproc), statistics.median(stack),
+                         statistics.median(latency)))
     finally:
         supervisor.stop()
-    a, b, lat = statistics.median(inproc), statistics.median(stack), statistics.median(latency)
-    print()
-    print(f"job: {args.scenes} scenes, {args.scenes * args.scene_seconds:g} s, {args.size} "
-          f"@ {args.fps} fps; {args.runs} runs each, alternating")
-    print(f"{'median in-process (reelqueue run)':<40}{a:8.3f} s")
-    print(f"{'median full stack (drop → done/)':<40}{b:8.3f} s")
-    print(f"{'ratio full stack / in-process':<40}{b / a:8.3f}   (target ≤ 1.10)")
-    print(f"{'median file landed → job started':<40}{lat * 1000:8.0f} ms (target ≤ 1000)")
+    print(f"\njob: {args.scenes} scenes, {args.scenes * args.scene_seconds:g} s @ {args.fps} fps; "
+          f"{args.runs} runs each way, alternating; medians")
+    print(f"{'size':>9} {'in-process':>11} {'full stack':>11} {'ratio':>7} {'file→start':>11}")
+    for size, a, b, lat in rows:
+        print(f"{size:>9} {a:>9.3f} s {b:>9.3f} s {b / a:>7.3f} {lat * 1000:>8.0f} ms")
+    print("targets: ratio ≤ 1.10, file→start ≤ 1000 ms")
     return 0
 
 
 async def _wait_for_worker(config) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            queue = await QueueClient.open(_url(config))
-        except Exception:
-            await asyncio.sleep(0.2)
-            continue
-        try:
-            if await queue.workers():
-                return
-        finally:
-            await queue.close()
-        await asyncio.sleep(0.2)
-    raise SystemExit("no worker came up within 60 s")
+    queue = await wait_for_worker(config, timeout_s=60)
+    await queue.close()
 
 
 if __name__ == "__main__":

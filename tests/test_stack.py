@@ -12,7 +12,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from tests.conftest import REPO, write_config, wait_for
+from tests.conftest import REPO, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,6 +129,29 @@ def test_worker_killed_mid_job_resumes_and_reuses_finished_scenes(config_file, s
     assert starts(events) == 2
     reused = {e.get("clip") for e in events if e["event"] == "reusing scene clip"}
     assert finished_before <= {Path(c).name for c in reused if c}
+
+
+def test_sigterm_stops_the_job_at_its_next_step_and_it_resumes_on_next_start(config_file, spawn):
+    spawn("daemon")
+    worker = spawn("worker")
+    inbox = inbox_of(config_file)
+    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls. "
+                     "Stars appear. The fox sleeps. Dawn comes.",
+           "width": 480, "height": 272, "fps": 16, "duration": 24}
+    drop(inbox, "graceful.json", json.dumps(job).encode())
+    jobs = config_file.parent / "var" / "jobs"
+    wait_for(lambda: list(jobs.glob("*/scenes/*.mp4")), timeout=60, what="a first scene clip")
+    assert worker.stop(timeout=30) == 0  # SIGTERM: a clean exit, not a kill
+    [job_id] = [d.name for d in jobs.iterdir()]
+    state = run_cli(config_file, "status", job_id).stdout
+    assert "queued" in state and "resumes on the next start" in state
+    assert not (inbox / "failed").exists() or not list((inbox / "failed").iterdir())
+    spawn("worker")
+    wait_for(lambda: (inbox / "done" / "graceful.mp4").exists(), timeout=90, what="the job")
+    [events] = job_logs(config_file).values()
+    assert starts(events) == 2
+    assert any(e["event"] == "job interrupted by shutdown; it will run again" for e in events)
+    assert "attempt: 1" in run_cli(config_file, "status", job_id).stdout  # not counted as a crash
 
 
 def test_redis_unreachable_gives_a_clear_message(tmp_path):

@@ -149,7 +149,8 @@ def _progress_publisher(state: WorkerState, job_id: str, loop: asyncio.AbstractE
 
     def publish(stage: str, percent: float, message: str) -> None:
         now = time.monotonic()
-        if stage == last["stage"] and now - last["t"] < PROGRESS_MIN_INTERVAL_S:
+        throttled = stage == last["stage"] and now - last["t"] < PROGRESS_MIN_INTERVAL_S
+        if throttled and percent < 100:  # never drop a stage's last word
             return
         last.update(t=now, stage=stage)
         state.current_stage = stage
@@ -230,7 +231,8 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
                 await queue.update_state(job_id, status=JobStatus.queued, stage="queued",
                                          percent=0, message="interrupted by a worker stop; "
                                          "it resumes on the next start")
-                raise
+                # arq puts a job that ends in CancelledError back in the queue.
+                raise asyncio.CancelledError() from None
             await queue.finish(job_id, outcome.status, outcome.error)
             raise
         await queue.finish(job_id, outcome.status, outcome.error)
@@ -263,7 +265,7 @@ def create_worker(config: Config, redis_url: str, name: str | None = None) -> Wo
         job_timeout=config.worker.job_timeout,
         keep_result=config.worker.keep_results,
         allow_abort_jobs=True,
-        poll_delay=0.1,  # an idle worker starts a new job within ~0.1 s
+        poll_delay=0.05,  # an idle worker starts a new job within ~50 ms
         on_startup=startup,
         on_shutdown=shutdown,
         ctx={"reelqueue": state},

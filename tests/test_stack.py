@@ -220,3 +220,17 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert not socket.exists()  # the embedded Redis was shut down with it
     assert (tmp_path / "var" / "redis" / "appendonly.aof").exists() or \
         (tmp_path / "var" / "redis" / "appendonlydir").exists()
+
+
+def test_a_job_over_its_timeout_fails_with_that_reason(tmp_path, redis_url, spawn):
+    config_file = write_config(tmp_path, redis_url,
+                               worker='job_timeout = "2s"\nname = "test-worker"')
+    spawn("daemon")
+    spawn("worker")
+    inbox = inbox_of(config_file)
+    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls.",
+           "width": 832, "height": 480, "fps": 24, "duration": 40}
+    drop(inbox, "slow.json", json.dumps(job).encode())
+    error = inbox / "failed" / "slow.error.txt"
+    wait_for(error.exists, timeout=60, what="the timeout notice")
+    assert "longer than the worker's job_timeout (2 s)" in error.read_text()

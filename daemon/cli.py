@@ -187,7 +187,7 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
         queue = await open_queue(config)
         try:
             table = Table("id", "kind", "status", "progress", "created", "by", "prompt / error")
-            for state in await queue.recent_jobs(args.limit):
+            for state in (await queue.list_jobs(args.limit))[0]:
                 created = utc_from_ts(state.get("created_at"))
                 status = state["status"]
                 detail = state.get("error") or state.get("prompt", "")

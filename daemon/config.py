@@ -82,10 +82,57 @@ class FolderIntakeConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def resolve_secret(value: str) -> str | None:
+    """``"env:NAME"`` reads the environment variable NAME (None when unset); any other
+    value is the secret itself."""
+    if value.startswith("env:"):
+        return os.environ.get(value.removeprefix("env:")) or None
+    return value or None
+
+
+class HttpToken(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    token: str
+    role: Literal["user", "admin"] = "user"
+
+    @property
+    def secret(self) -> str | None:
+        return resolve_secret(self.token)
+
+
+class HttpIntakeConfig(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8686"
+    max_body_mb: float = Field(default=512, gt=0)
+    # How long the signed file links in job responses stay valid.
+    link_ttl: Duration = 7 * 86400.0
+    tokens: list[HttpToken] = Field(
+        default_factory=lambda: [HttpToken(name="default", token="env:REELQUEUE_TOKEN",
+                                           role="admin")]
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8686")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class IntakeConfig(_Section):
     folder: list[FolderIntakeConfig] = Field(
         default_factory=lambda: [FolderIntakeConfig(path=Path("inbox"))]
     )
+    http: HttpIntakeConfig = Field(default_factory=HttpIntakeConfig)
 
 
 class WorkerConfig(_Section):

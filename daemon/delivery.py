@@ -14,6 +14,7 @@ import importlib
 
 from redis.exceptions import RedisError
 
+from daemon import metrics
 from daemon.config import Config
 from daemon.jobs import Channel, JobOutcome, JobStatus, job_dir, read_spec
 from daemon.logs import get_logger
@@ -65,6 +66,7 @@ class DeliveryLoop:
             return
         self.failures.pop(job_id, None)
         await self.queue.delivery_done(job_id)
+        metrics.record_finished(state)
 
     async def _retry_later(self, job_id: str, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -99,7 +99,12 @@ class JobError(Exception):
 
     Raised by intakes for bad requests and by pipelines for problems the user can fix;
     the message is shown to them as is, so it should say what is wrong and what to do.
+    ``problems`` lists ``{"field", "reason"}`` pairs where a request field is at fault.
     """
+
+    def __init__(self, message: str, problems: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 def derive_job_id(*parts: str | bytes) -> str:
@@ -133,23 +138,35 @@ def read_spec(jobs_root: Path, job_id: str) -> JobSpec:
     return JobSpec.model_validate_json(path.read_text(encoding="utf-8"))
 
 
-def describe_validation_error(error: ValidationError, what: str = "option") -> str:
-    """Turn pydantic's errors into one line per field that a user can act on."""
-    lines = []
+def validation_problems(error: ValidationError, what: str = "option") -> list[dict[str, str]]:
+    """pydantic's errors as ``{"field", "reason"}`` pairs a user can act on."""
+    problems = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or what
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown {what} '{field}'")
+            problems.append({"field": field, "reason": f"unknown {what}"})
             continue
         reason = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         got = "" if isinstance(value, dict | list) else f" (got {value!r})"
-        lines.append(f"{what} '{field}': {reason}{got}")
-    return "; ".join(lines)
+        problems.append({"field": field, "reason": reason + got})
+    return problems
 
 
-def validate_request(kind: str, prompt: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Check a request before it is queued; return the normalised options.
+def describe_validation_error(error: ValidationError, what: str = "option") -> str:
+    """One line per field: ``unknown option 'x'`` or ``option 'fps': reason (got 0)``."""
+    return "; ".join(
+        f"unknown {what} '{p['field']}'" if p["reason"] == f"unknown {what}"
+        else f"{what} '{p['field']}': {p['reason']}"
+        for p in validation_problems(error, what)
+    )
+
+
+def validate_request(
+    kind: str, prompt: str, options: dict[str, Any], inputs: list[str] | None = None
+) -> dict[str, Any]:
+    """Check a request (and the names of its input files) before it is queued; return
+    the normalised options.
 
     Raises ``JobError`` naming the field and the reason, so every channel can answer
     the sender with it.
@@ -157,13 +174,22 @@ def validate_request(kind: str, prompt: str, options: dict[str, Any]) -> dict[st
     from workers import pipelines  # imported late: daemon does not depend on workers at import
 
     pipeline = pipelines.load(kind)
+    for name in inputs or []:
+        suffix = Path(name).suffix.lower()
+        if suffix not in pipeline.INPUTS:
+            takes = f"takes {', '.join(pipeline.INPUTS)} files" if pipeline.INPUTS else \
+                "takes no input files"
+            raise JobError(f"a {kind} job {takes}; {name!r} cannot be used",
+                           [{"field": "file", "reason": f"{kind} {takes}"}])
     if len(prompt) > MAX_PROMPT_CHARS:
         raise JobError(
-            f"the prompt is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
+            f"the prompt is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}",
+            [{"field": "prompt", "reason": f"longer than {MAX_PROMPT_CHARS:,} characters"}],
         )
     try:
         parsed = pipeline.Options.model_validate(options)
     except ValidationError as exc:
-        raise JobError(describe_validation_error(exc)) from None
+        problems = [{**p, "field": f"options.{p['field']}"} for p in validation_problems(exc)]
+        raise JobError(describe_validation_error(exc), problems) from None
     pipeline.check_request(prompt, parsed)
     return parsed.model_dump(exclude_none=True)

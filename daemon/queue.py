@@ -5,7 +5,9 @@ Keys (all under ``reelqueue:``):
 
 - ``job:<id>``          hash: status, stage, percent, message, error, times, kind, …
 - ``recent``            sorted set of job ids by creation time (for listings)
+- ``recent:by:<name>``  the same, per submitter (for a user's own listing)
 - ``events``            pub/sub channel: one JSON message per state change
+- ``workers``           set of worker names ever seen (their heartbeats say which live)
 - ``worker:<name>``     JSON heartbeat of a live worker (expires when it dies)
 - ``running:<id>``      which worker runs a job (expires when that worker dies)
 - ``attempts:<id>``     how many times a job was started and not cleanly handed back
@@ -34,6 +36,7 @@ PREFIX = "reelqueue:"
 QUEUE_NAME = default_queue_name
 RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
+WORKERS_KEY = PREFIX + "workers"
 DELIVERIES_KEY = PREFIX + "deliveries"
 DELIVERIES_ACTIVE_KEY = PREFIX + "deliveries:active"
 # An overnight backlog must never expire: arq's default is one day.
@@ -55,6 +58,10 @@ def attempts_key(job_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
+
+
+def recent_key(submitted_by: str | None = None) -> str:
+    return RECENT_KEY if submitted_by is None else f"{RECENT_KEY}:by:{submitted_by}"
 
 
 class RedisUnavailable(Exception):
@@ -139,6 +146,7 @@ class QueueClient:
                 "message": "",
             })
             await self.redis.zadd(RECENT_KEY, {spec.id: created})
+            await self.redis.zadd(recent_key(spec.submitted_by), {spec.id: created})
         job = await self.redis.enqueue_job(
             RUN_FUNCTION, spec.id, _job_id=spec.id, _expires=JOB_EXPIRY_S
         )
@@ -198,22 +206,49 @@ class QueueClient:
         rank = await self.redis.zrank(QUEUE_NAME, job_id)
         if rank is None:
             return None
-        # Running jobs stay in arq's queue until they finish: don't count them as ahead.
-        ahead = await self.redis.zrange(QUEUE_NAME, 0, rank - 1) if rank else []
-        keys = [in_progress_key_prefix + a.decode() for a in ahead]
-        running = await self.redis.exists(*keys) if keys else 0
-        return rank + 1 - running
+        # Running jobs stay in arq's queue until they finish: don't count those ahead.
+        # There are only as many as there are workers, so ask about each one.
+        running = [beat["job_id"] for beat in await self.workers() if beat.get("job_id")]
+        ahead = 0
+        for other in running:
+            other_rank = await self.redis.zrank(QUEUE_NAME, other)
+            if other_rank is not None and other_rank < rank:
+                ahead += 1
+        return rank + 1 - ahead
 
-    async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        ids = await self.redis.zrevrange(RECENT_KEY, 0, limit - 1)
-        jobs = []
-        for raw_id in ids:
-            state = await self.get_state(raw_id.decode())
-            if state is None:  # expired: drop it from the index too
-                await self.redis.zrem(RECENT_KEY, raw_id)
-                continue
-            jobs.append(state)
-        return jobs
+    async def list_jobs(
+        self,
+        limit: int = 20,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        submitted_by: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Jobs newest first, optionally of one status or one submitter.
+
+        Returns the page and the cursor for the next one (None on the last page). The
+        cursor is the creation time of the page's last job.
+        """
+        key = recent_key(submitted_by)
+        upper = f"({cursor}" if cursor else "+inf"
+        page: list[dict[str, Any]] = []
+        last_score: float | None = None
+        while len(page) < limit:
+            batch = await self.redis.zrevrangebyscore(key, upper, "-inf", start=0,
+                                                      num=max(limit, 50), withscores=True)
+            if not batch:
+                return page, None
+            for raw_id, score in batch:
+                last_score = score
+                upper = f"({score!r}"
+                state = await self.get_state(raw_id.decode())
+                if state is None:  # its record expired: drop it from the index too
+                    await self.redis.zrem(key, raw_id)
+                    continue
+                if status is None or state["status"] == status:
+                    page.append(state)
+                    if len(page) == limit:
+                        break
+        return page, repr(last_score)
 
     async def cancel(self, job_id: str) -> str:
         """Cancel a queued job or interrupt a running one. Returns what happened."""
@@ -238,15 +273,17 @@ class QueueClient:
     # --- workers ------------------------------------------------------------------------
 
     async def workers(self) -> list[dict[str, Any]]:
-        keys = await self.redis.keys(worker_key("*"))
+        """Heartbeats of the live workers."""
+        names = sorted(n.decode() for n in await self.redis.smembers(WORKERS_KEY))
+        if not names:
+            return []
         beats = []
-        for key in keys:
-            raw = await self.redis.get(key)
-            if raw:
+        for raw in await self.redis.mget([worker_key(name) for name in names]):
+            if raw:  # None: that worker is gone (its heartbeat expired)
                 beat = json.loads(raw)
                 beat["age_s"] = round(_now() - beat["ts"], 1)
                 beats.append(beat)
-        return sorted(beats, key=lambda b: b["name"])
+        return beats
 
     # --- deliveries ----------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ log = get_logger(component="daemon")
 
 
 async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
-    from intake.folder import FolderIntake  # intakes build on the daemon, not the reverse
+    # Intakes build on the daemon, not the reverse: imported here, not at module level.
+    from intake.folder import FolderIntake
+    from intake.http import HttpIntake
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -24,19 +26,25 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
 
     url, owned_redis = await asyncio.to_thread(ensure_redis, config.state_dir, config.redis.url)
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results)
-    intakes = [FolderIntake(folder, config, queue) for folder in config.intake.folder]
+    intakes: list[FolderIntake | HttpIntake] = [
+        FolderIntake(folder, config, queue) for folder in config.intake.folder]
+    if config.intake.http.enabled:
+        intakes.append(HttpIntake(config, queue))
     delivery = DeliveryLoop(config, queue)
+    started: list[FolderIntake | HttpIntake] = []
     try:
         for intake in intakes:
             await intake.start()
+            started.append(intake)
         delivery_task = asyncio.create_task(delivery.run(stop))
-        log.info("daemon ready", redis=url, folders=[str(i.path) for i in intakes])
+        log.info("daemon ready", redis=url, folders=[str(f.path) for f in config.intake.folder],
+                 http=config.intake.http.listen if config.intake.http.enabled else None)
         await stop.wait()
         log.info("daemon stopping")
-        for intake in intakes:
-            await intake.stop()
         await delivery_task
     finally:
+        for intake in started:
+            await intake.stop()
         await queue.close()
         if owned_redis is not None:
             await asyncio.to_thread(owned_redis.stop)

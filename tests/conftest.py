@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ def write_config(tmp_path: Path, redis_url: str = "", **sections: str) -> Path:
         "redis": f'url = "{redis_url}"',
         "log": 'level = "info"\nformat = "json"',
         "intake.folder": 'path = "inbox"\nkind = "video"\nsettle = "0.5s"',
+        "intake.http": "enabled = false",
         "worker": 'job_timeout = "2m"\nmax_tries = 3\nname = "test-worker"',
         "video": "width = 128\nheight = 96\nfps = 8\nscene_seconds = 3",
     }
@@ -118,6 +120,12 @@ def spawn(config_file: Path) -> Iterator[Callable[..., Process]]:
     for process in started:
         if process.popen.poll() is None:
             process.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05,

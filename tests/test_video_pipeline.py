@@ -165,7 +165,7 @@ def test_html_report_escapes_user_text(finished) -> None:
     page = report.render_html(job_dir, data, 'a"b.mp4')
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<b>loud" not in page and "&lt;b&gt;loud" in page
-    assert 'src="a%22b.mp4"' in page
+    assert 'src="a&quot;b.mp4"' in page  # a URL, escaped as an attribute
 
 
 def test_no_scratch_files_are_left_behind(finished) -> None:

@@ -33,6 +33,7 @@ from daemon.logs import get_logger
 from daemon.queue import (
     QUEUE_NAME,
     RUN_FUNCTION,
+    WORKERS_KEY,
     QueueClient,
     attempts_key,
     redis_settings,
@@ -129,6 +130,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     state: WorkerState = ctx["reelqueue"]
     state.queue = QueueClient(ctx["redis"], keep_results_s=state.config.worker.keep_results)
     state.device = await asyncio.to_thread(device_name)
+    await state.queue.redis.sadd(WORKERS_KEY, state.name)
     await _beat(state)
     await recover_orphans(state)
     state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))

@@ -2,6 +2,7 @@
 
 - ``Options``: a pydantic model of the options a job of that kind accepts
   (``extra="forbid"``, so a misspelt option is an error, not silently ignored);
+- ``INPUTS``: the file suffixes a job of that kind takes as inputs (empty: none);
 - ``check_request(prompt, options)``: cross-field checks, raising ``JobError``;
 - ``run(job: JobContext) -> JobResult``: the one entry point, top to bottom.
 
@@ -26,5 +27,6 @@ def kinds() -> list[str]:
 
 def load(kind: str) -> ModuleType:
     if kind not in _KINDS:
-        raise JobError(f"unknown job kind {kind!r}; this server runs: {', '.join(kinds())}")
+        raise JobError(f"unknown job kind {kind!r}; this server runs: {', '.join(kinds())}",
+                       [{"field": "kind", "reason": f"unknown kind; one of {kinds()}"}])
     return importlib.import_module(_KINDS[kind])

@@ -100,11 +100,12 @@ def write_html(job_dir: Path, dest: Path | None = None, video_name: str = "video
     Returns the path written."""
     report = json.loads((job_dir / REPORT_JSON).read_text(encoding="utf-8"))
     dest = dest or job_dir / REPORT_HTML
-    files.write_text(dest, render_html(job_dir, report, video_name))
+    files.write_text(dest, render_html(job_dir, report, quote(video_name)))
     return dest
 
 
-def render_html(job_dir: Path, report: dict[str, Any], video_name: str) -> str:
+def render_html(job_dir: Path, report: dict[str, Any], video_url: str) -> str:
+    """The report page; ``video_url`` is the player's source, a URL relative to the page."""
     board, output, timings = report["storyboard"], report["output"], report["timings"]
     thumbnails = [_data_uri(job_dir / scene["thumbnail"]) for scene in board["scenes"]]
     poster = f' poster="{thumbnails[0]}"' if thumbnails and thumbnails[0] else ""
@@ -151,7 +152,7 @@ def render_html(job_dir: Path, report: dict[str, Any], video_name: str) -> str:
 <p class=meta>job {_e(report['id'])} · {_e(report['kind'])} · {_e(report['created_at'])} ·
 from {_e(source['channel'])}{sender}</p>
 <blockquote class=prompt>{prompt}</blockquote>
-<video controls preload="metadata"{poster} src={_q(quote(video_name))}></video>
+<video controls preload="metadata"{poster} src={_q(video_url)}></video>
 {warnings}
 <section><h2>Storyboard</h2>
 <table class=storyboard>

@@ -21,6 +21,7 @@ from workers.pipelines import animatic, encode, report, storyboard
 from workers.pipelines.storyboard import Scene
 
 VIDEO_FILE = "video.mp4"
+INPUTS: tuple[str, ...] = ()  # text only: the prompt, and the options
 
 
 class Options(BaseModel):

@@ -1,0 +1,558 @@
+"""The HTTP API: submit, watch, fetch and cancel jobs (aiohttp, served by the daemon).
+
+Predictable JSON, honest status codes, one error shape::
+
+    {"error": {"status": 422, "message": "...", "problems": [{"field", "reason"}],
+               "request_id": "..."}}
+
+Every response carries ``X-Request-ID``; no traceback ever reaches a client. Every
+endpoint but ``/healthz`` (and the static page at ``/``) needs a bearer token from
+``[[intake.http.tokens]]``; a ``user`` token sees and cancels its own jobs, an
+``admin`` token all of them. File links in responses are signed (HMAC, expiring), so
+a browser can play a video or open a report without sending the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import BodyPartReader, web
+from redis.exceptions import RedisError
+
+from daemon import files, metrics
+from daemon.config import Config, HttpToken
+from daemon.jobs import (
+    Channel,
+    JobError,
+    JobOutcome,
+    JobSpec,
+    JobStatus,
+    Source,
+    job_dir,
+    new_job_id,
+    read_spec,
+    validate_request,
+    write_spec,
+)
+from daemon.logs import get_logger
+from daemon.queue import QueueClient
+from intake.openapi import openapi_document
+
+log = get_logger(component="http")
+
+MAX_FIELD_BYTES = 1024 * 1024  # a prompt or an options document, not a media file
+IDEMPOTENCY_TTL_S = 86400
+WORKER_STALE_S = 15.0
+UPLOAD_CHUNK = 1024 * 1024
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+STATIC = Path(__file__).parent / "static"
+REQUEST_ID = web.RequestKey("request_id", str)
+CALLER = web.RequestKey("caller", str)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class ApiError(Exception):
+    """An error answered with reelqueue's JSON body; the middleware adds the request id."""
+
+    def __init__(self, status: int, message: str,
+                 problems: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+
+class HttpApi:
+    def __init__(self, config: Config, queue: QueueClient):
+        self.config = config
+        self.http = config.intake.http
+        self.queue = queue
+        self.max_body = int(self.http.max_body_mb * 1024 * 1024)
+        self.tokens: list[tuple[bytes, HttpToken]] = []
+        for token in self.http.tokens:
+            secret = token.secret
+            if secret is None:
+                log.warning("http token disabled: its environment variable is not set",
+                            token=token.name, variable=token.token.removeprefix("env:"))
+                continue
+            self.tokens.append((secret.encode(), token))
+        self.link_key = self._link_key()
+
+    def _link_key(self) -> bytes:
+        """The key that signs file links, kept in the state folder across restarts."""
+        path = self.config.state_dir / "http-link.key"
+        if not path.exists():
+            files.write_bytes(path, secrets.token_bytes(32))
+            path.chmod(0o600)
+        return path.read_bytes()
+
+    # --- application -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.errors_middleware],
+                              client_max_size=self.max_body)
+        app.add_routes([
+            web.get("/", self.index),
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
+            web.post("/jobs", self.submit),
+            web.get("/jobs", self.list_jobs),
+            web.get("/jobs/{id}", self.get_job),
+            web.delete("/jobs/{id}", self.cancel_job),
+            web.get("/jobs/{id}/files/{name}", self.get_file),
+        ])
+        return app
+
+    @web.middleware
+    async def errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        supplied = request.headers.get("X-Request-ID", "")
+        request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex[:16]
+        request[REQUEST_ID] = request_id
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = self._json_error(exc, request_id)
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, …
+            error = ApiError(exc.status, exc.reason.lower())
+            response = self._json_error(error, request_id, exc.headers.get("Allow"))
+        except (RedisError, OSError) as exc:
+            log.error("backend unavailable", request_id=request_id, error=repr(exc))
+            error = ApiError(503, "the queue is unavailable right now; try again shortly")
+            response = self._json_error(error, request_id)
+        except Exception:
+            log.exception("unhandled error", request_id=request_id, path=request.path)
+            error = ApiError(500, "internal error; the server log has the details under "
+                             "this request id")
+            response = self._json_error(error, request_id)
+        response.headers["X-Request-ID"] = request_id
+        level = log.warning if response.status >= 400 else log.debug
+        level("http request", request_id=request_id, method=request.method, path=request.path,
+              status=response.status, ms=round((time.monotonic() - started) * 1000, 1),
+              caller=request.get(CALLER))
+        return response
+
+    @staticmethod
+    def _json_error(error: ApiError, request_id: str, allow: str | None = None
+                    ) -> web.Response:
+        body = {"error": {"status": error.status, "message": error.message,
+                          "problems": error.problems, "request_id": request_id}}
+        response = web.json_response(body, status=error.status)
+        if allow is not None:
+            response.headers["Allow"] = allow
+        return response
+
+    # --- authentication ------------------------------------------------------------------
+
+    def authenticate(self, request: web.Request) -> Caller:
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "this endpoint needs 'Authorization: Bearer <token>'")
+        match = None
+        for secret, token in self.tokens:
+            # compare_digest on every token: the time taken does not reveal which matched.
+            if hmac.compare_digest(secret, presented.strip().encode()):
+                match = token
+        if match is None:
+            raise ApiError(401, "unknown token")
+        caller = Caller(match.name, match.role)
+        request[CALLER] = caller.name
+        return caller
+
+    def _sign(self, job_id: str, name: str, expires: int) -> str:
+        message = f"{job_id}\0{name}\0{expires}".encode()
+        return hmac.new(self.link_key, message, hashlib.sha256).hexdigest()[:32]
+
+    def file_link(self, job_id: str, name: str) -> str:
+        expires = int(time.time() + self.http.link_ttl)
+        return (f"/jobs/{job_id}/files/{quote(name)}?expires={expires}"
+                f"&sig={self._sign(job_id, name, expires)}")
+
+    def _signed(self, request: web.Request, job_id: str, name: str) -> bool:
+        sig, expires = request.query.get("sig", ""), request.query.get("expires", "")
+        if not sig or not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(sig, self._sign(job_id, name, int(expires)))
+
+    # --- job access ---------------------------------------------------------------------
+
+    def _check_job_id(self, job_id: str) -> str:
+        if not job_id.isalnum() or len(job_id) > 64:
+            raise ApiError(404, f"no job {job_id!r}")
+        return job_id
+
+    async def _load(self, job_id: str, caller: Caller | None) -> tuple[dict[str, Any], JobSpec]:
+        """A job's live state (or its durable record) and spec, if the caller may see it."""
+        self._check_job_id(job_id)
+        try:
+            spec = read_spec(self.config.jobs_dir, job_id)
+        except (OSError, ValueError):
+            raise ApiError(404, f"no job {job_id!r}") from None
+        if caller is not None and not caller.is_admin and spec.submitted_by != caller.name:
+            raise ApiError(403, "this job belongs to another token; a user token sees only its "
+                         "own jobs")
+        state = await self.queue.get_state(job_id) or self._state_from_disk(spec)
+        return state, spec
+
+    def _state_from_disk(self, spec: JobSpec) -> dict[str, Any]:
+        """After Redis forgot a finished job, its directory still tells how it ended."""
+        outcome = JobOutcome.read(job_dir(self.config.jobs_dir, spec.id))
+        status = outcome.status if outcome else JobStatus.queued
+        return {"id": spec.id, "kind": spec.kind, "status": status, "stage": status,
+                "percent": 100.0 if status == JobStatus.done else 0.0, "message": "",
+                "error": outcome.error if outcome else "", "prompt": spec.prompt[:200],
+                "submitted_by": spec.submitted_by, "channel": spec.source.channel,
+                "created_at": str(spec.created_at.timestamp())}
+
+    def _artifacts(self, job_id: str) -> dict[str, Path]:
+        directory = job_dir(self.config.jobs_dir, job_id)
+        outcome = JobOutcome.read(directory)
+        if outcome is None or outcome.status != JobStatus.done:
+            return {}
+        names = ([outcome.primary] if outcome.primary else []) + outcome.reports
+        return {name: directory / name for name in names if (directory / name).is_file()}
+
+    def job_view(self, state: dict[str, Any]) -> dict[str, Any]:
+        job_id = state["id"]
+        view: dict[str, Any] = {
+            "id": job_id,
+            "kind": state.get("kind"),
+            "status": state.get("status"),
+            "position": state.get("position"),
+            "progress": {"stage": state.get("stage") or state.get("status"),
+                         "percent": state.get("percent", 0.0),
+                         "message": state.get("message") or ""},
+            "prompt": state.get("prompt", ""),
+            "submitted_by": state.get("submitted_by", ""),
+            "channel": state.get("channel", ""),
+            "created_at": _float(state.get("created_at")),
+            "started_at": _float(state.get("started_at")),
+            "finished_at": _float(state.get("finished_at")),
+            "error": state.get("error") or None,
+            "links": {"self": f"/jobs/{job_id}"},
+        }
+        if state.get("status") == JobStatus.done:
+            view["links"]["files"] = {name: self.file_link(job_id, name)
+                                      for name in self._artifacts(job_id)}
+            report = job_dir(self.config.jobs_dir, job_id) / "report.json"
+            if report.is_file():
+                view["timings"] = json.loads(report.read_text(encoding="utf-8")).get("timings")
+        return view
+
+    # --- handlers -------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        # A static page with no data in it; it calls the API with a token typed in once.
+        return web.FileResponse(STATIC / "index.html")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        self.authenticate(request)
+        return web.json_response(openapi_document())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = {"redis": "ok"}
+        try:
+            await self.queue.redis.ping()
+            body["queue_length"] = await self.queue.queue_length()
+            workers = await self.queue.workers()
+        except (RedisError, OSError) as exc:
+            return web.json_response({"redis": f"unreachable: {exc}", "status": "unhealthy"},
+                                     status=503)
+        body["workers"] = [{k: beat.get(k) for k in ("name", "device", "age_s", "job_id",
+                                                      "vram_used", "vram_total")}
+                           for beat in workers]
+        alive = [beat for beat in workers if beat["age_s"] < WORKER_STALE_S]
+        body["worker_heartbeat_age_s"] = min((b["age_s"] for b in workers), default=None)
+        body["status"] = "ok" if alive else "no worker alive"
+        return web.json_response(body, status=200 if alive else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.authenticate(request)
+        return web.Response(body=await metrics.render(self.queue),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        caller = self.authenticate(request)
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise ApiError(413, f"the request is {request.content_length / 1024 / 1024:.1f} MB; "
+                         f"the limit is {self.http.max_body_mb:g} MB")
+        idempotency_key = request.headers.get("Idempotency-Key", "")[:200]
+        if idempotency_key:
+            existing = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
+            if existing:
+                state, _ = await self._load(existing.decode(), caller)
+                return self._accepted(state, replayed=True)
+
+        job_id = new_job_id()
+        content_type = request.content_type
+        if content_type == "application/json":
+            kind, prompt, options = self._fields_from_json(await self._read_json(request))
+            uploads: list[Path] = []
+        elif content_type == "multipart/form-data":
+            kind, prompt, options, uploads = await self._read_multipart(request, job_id)
+        else:
+            raise ApiError(415, "send application/json (or multipart/form-data with files); "
+                         f"got {content_type or 'no content type'}")
+        try:
+            options = validate_request(kind, prompt, options, [p.name for p in uploads])
+        except JobError as exc:
+            self._discard_uploads(job_id)
+            raise ApiError(422, str(exc), exc.problems) from None
+
+        spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options,
+                       inputs=[p.name for p in uploads],
+                       source=Source(channel=Channel.http, client=caller.name),
+                       submitted_by=caller.name)
+        if idempotency_key and not await self.queue.redis.set(
+                _idem_key(caller.name, idempotency_key), job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            # A concurrent retry with the same key won the race: answer with its job.
+            self._discard_uploads(job_id)
+            other = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
+            state, _ = await self._load(other.decode(), caller)
+            return self._accepted(state, replayed=True)
+        await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
+        await self.queue.enqueue(spec)
+        state = await self.queue.get_state(job_id) or {}
+        log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
+                 request_id=request[REQUEST_ID])
+        return self._accepted(state)
+
+    def _accepted(self, state: dict[str, Any], replayed: bool = False) -> web.Response:
+        view = self.job_view(state)
+        headers = {"Location": f"/jobs/{view['id']}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return web.json_response(view, status=202, headers=headers)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        body = await request.content.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise ApiError(413, f"the request body is larger than {self.http.max_body_mb:g} MB")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(422, f"the body is not valid JSON: {exc}",
+                         [{"field": "body", "reason": "not valid JSON"}]) from None
+
+    @staticmethod
+    def _fields_from_json(data: Any) -> tuple[str, str, dict[str, Any]]:
+        if not isinstance(data, dict):
+            raise ApiError(422, 'the body must be a JSON object: {"kind": "video", '
+                         '"prompt": "...", "options": {...}}',
+                         [{"field": "body", "reason": "not an object"}])
+        unknown = sorted(set(data) - {"kind", "prompt", "options"})
+        if unknown:
+            raise ApiError(422, f"unknown field {unknown[0]!r}; a job has kind, prompt and "
+                         "options", [{"field": f, "reason": "unknown field"} for f in unknown])
+        kind, prompt, options = data.get("kind", "video"), data.get("prompt", ""), \
+            data.get("options", {})
+        problems = []
+        if not isinstance(kind, str):
+            problems.append({"field": "kind", "reason": "must be a string"})
+        if not isinstance(prompt, str):
+            problems.append({"field": "prompt", "reason": "must be a string"})
+        if not isinstance(options, dict):
+            problems.append({"field": "options", "reason": "must be an object"})
+        if problems:
+            raise ApiError(422, "; ".join(f"{p['field']} {p['reason']}" for p in problems),
+                         problems)
+        return kind, prompt.strip(), options
+
+    async def _read_multipart(self, request: web.Request, job_id: str
+                              ) -> tuple[str, str, dict[str, Any], list[Path]]:
+        """Text fields kind, prompt, options (JSON); files streamed to disk, never held
+        whole in memory, and counted against the body limit as they arrive."""
+        fields: dict[str, str] = {}
+        uploads: list[Path] = []
+        total = 0
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ApiError(422, "nested multipart bodies are not supported")
+            if part.filename is None:
+                value = await part.read(decode=True)
+                if len(value) > MAX_FIELD_BYTES:
+                    raise ApiError(413, f"field {part.name!r} is larger than 1 MB")
+                fields[part.name or ""] = value.decode("utf-8", "replace")
+                continue
+            name = _safe_filename(part.filename)
+            target = self._upload_dir(job_id) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as handle:
+                while chunk := await part.read_chunk(UPLOAD_CHUNK):
+                    total += len(chunk)
+                    if total > self.max_body:
+                        handle.close()
+                        self._discard_uploads(job_id)
+                        raise ApiError(413, f"the upload is larger than "
+                                     f"{self.http.max_body_mb:g} MB")
+                    handle.write(chunk)
+            uploads.append(target)
+        try:
+            options = json.loads(fields.get("options") or "{}")
+        except json.JSONDecodeError as exc:
+            self._discard_uploads(job_id)
+            raise ApiError(422, f"the options field is not valid JSON: {exc}",
+                         [{"field": "options", "reason": "not valid JSON"}]) from None
+        data = {"kind": fields.get("kind", "video"), "prompt": fields.get("prompt", ""),
+                "options": options}
+        try:
+            kind, prompt, options = self._fields_from_json(data)
+        except ApiError:
+            self._discard_uploads(job_id)
+            raise
+        return kind, prompt, options, uploads
+
+    def _upload_dir(self, job_id: str) -> Path:
+        return job_dir(self.config.jobs_dir, job_id) / "inputs"
+
+    def _discard_uploads(self, job_id: str) -> None:
+        directory = job_dir(self.config.jobs_dir, job_id)
+        if not (directory / "spec.json").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        caller = self.authenticate(request)
+        query = request.query
+        problems = []
+        status = query.get("status") or None
+        if status is not None and status not in JobStatus.__members__:
+            problems.append({"field": "status",
+                             "reason": f"one of {', '.join(JobStatus.__members__)}"})
+        limit_text = query.get("limit", "20")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+            problems.append({"field": "limit", "reason": "a whole number from 1 to 200"})
+        cursor = query.get("cursor") or None
+        if cursor is not None and not _is_number(cursor):
+            problems.append({"field": "cursor", "reason": "use the next_cursor of a listing"})
+        owner = query.get("submitted_by") or None
+        if owner is not None and not caller.is_admin and owner != caller.name:
+            raise ApiError(403, "a user token can list only its own jobs")
+        if problems:
+            raise ApiError(422, "; ".join(f"{p['field']}: {p['reason']}" for p in problems),
+                         problems)
+        scope = owner if caller.is_admin else caller.name
+        page, next_cursor = await self.queue.list_jobs(
+            int(limit_text), cursor, JobStatus(status) if status else None, scope)
+        return web.json_response({"jobs": [self.job_view(state) for state in page],
+                                  "next_cursor": next_cursor})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        caller = self.authenticate(request)
+        state, _ = await self._load(request.match_info["id"], caller)
+        return web.json_response(self.job_view(state))
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        caller = self.authenticate(request)
+        job_id = request.match_info["id"]
+        await self._load(job_id, caller)
+        outcome = await self.queue.cancel(job_id)
+        if outcome == "finished":
+            state = await self.queue.get_state(job_id) or {}
+            raise ApiError(409, f"job {job_id} has already finished ({state.get('status')})")
+        if outcome == "unknown":
+            raise ApiError(409, f"job {job_id} is no longer in the queue")
+        state, _ = await self._load(job_id, caller)
+        return web.json_response(self.job_view(state),
+                                 status=200 if outcome == "cancelled" else 202)
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        job_id = self._check_job_id(request.match_info["id"])
+        name = request.match_info["name"]
+        if not self._signed(request, job_id, name):
+            caller = self.authenticate(request)
+            await self._load(job_id, caller)
+        artifacts = self._artifacts(job_id)
+        if name not in artifacts:  # only the job's own artifacts: no path escapes
+            raise ApiError(404, f"job {job_id} has no file {name!r}; see links.files in "
+                         f"GET /jobs/{job_id}")
+        if name == "report.html":
+            return await self._report_page(job_id, artifacts)
+        return web.FileResponse(artifacts[name], headers={"Cache-Control": "private"})
+
+    async def _report_page(self, job_id: str, artifacts: dict[str, Path]) -> web.Response:
+        """The report, with its video linked by a signed URL so it plays in a browser."""
+        from workers.pipelines.report import render_html
+
+        directory = job_dir(self.config.jobs_dir, job_id)
+        report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
+        outcome = JobOutcome.read(directory)
+        primary = outcome.primary if outcome and outcome.primary else ""
+        link = self.file_link(job_id, primary).rsplit("/", 1)[1]  # relative to files/
+        page = await asyncio.to_thread(render_html, directory, report, link)
+        return web.Response(text=page, content_type="text/html",
+                            headers={"Cache-Control": "private"})
+
+
+class HttpIntake:
+    """Runs ``HttpApi`` on ``[intake.http] listen`` inside the daemon's event loop."""
+
+    def __init__(self, config: Config, queue: QueueClient):
+        self.config = config
+        self.api = HttpApi(config, queue)
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        http = self.config.intake.http
+        self.runner = web.AppRunner(self.api.app(), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, http.host, http.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise JobError(f"cannot listen on {http.listen}: {exc.strerror}; change "
+                           "[intake.http] listen, or set enabled = false") from None
+        log.info("http api listening", listen=http.listen, tokens=len(self.api.tokens))
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _idem_key(caller: str, key: str) -> str:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"reelqueue:idempotency:{caller}:{digest}"
+
+
+def _safe_filename(name: str) -> str:
+    """A client's file name reduced to something safe to put in the job directory."""
+    base = _SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip("._")
+    return base[-100:] or "upload"
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,91 @@
+"""Throw random JSON (and random bytes) at POST /jobs: the answer is always a 2xx or a
+4xx with reelqueue's error body, never a 5xx and never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.config import load_config
+from daemon.queue import QueueClient
+from intake.http import HttpApi
+from tests.conftest import free_port, write_config
+
+pytestmark = pytest.mark.timeout(300)
+
+scalars = (st.none() | st.booleans() | st.integers() | st.text(max_size=30)
+           | st.floats(allow_nan=True, allow_infinity=True))
+json_values = st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), children, max_size=4),
+                           max_leaves=12)
+option_names = st.sampled_from(["duration", "width", "height", "fps", "style", "seed",
+                                "scenes", "crf", ""])
+scene = st.dictionaries(st.sampled_from(["description", "duration_s", "camera", "subtitle"]),
+                        json_values | st.sampled_from(["close up", "wide shot"]))
+options = st.dictionaries(option_names, json_values | st.integers(-10, 5000)
+                          | st.lists(scene, max_size=9), max_size=4)
+jobs = st.fixed_dictionaries({}, optional={
+    "kind": st.sampled_from(["video", "VIDEO", "", "../video"]) | json_values,
+    "prompt": st.text(max_size=200) | json_values,
+    "options": options | json_values,
+    "extra": json_values,
+})
+bodies = (jobs.map(lambda d: json.dumps(d, allow_nan=True).encode())
+          | json_values.map(lambda v: json.dumps(v, allow_nan=True).encode())
+          | st.binary(max_size=200))
+
+
+@pytest.fixture
+def server(tmp_path, redis_url):
+    port = free_port()
+    config = load_config(write_config(tmp_path, redis_url, **{"intake.http": (
+        f'enabled = true\nlisten = "127.0.0.1:{port}"\n'
+        '[[intake.http.tokens]]\nname = "fuzz"\ntoken = "fuzz-secret"')}))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict = {}
+
+    async def serve() -> None:
+        state["queue"] = await QueueClient.open(config.redis.url)
+        runner = web.AppRunner(HttpApi(config, state["queue"]).app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        state["runner"] = runner
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop)
+    assert ready.wait(10)
+    yield port
+    asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(state["queue"].close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=bodies)
+def test_random_bodies_never_cause_a_server_error(server, body):
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    try:
+        connection.request("POST", "/jobs", body=body, headers={
+            "Authorization": "Bearer fuzz-secret", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+    finally:
+        connection.close()
+    assert response.status < 500, payload
+    assert response.status in (202, 413, 422), (response.status, payload)
+    if response.status != 202:
+        error = json.loads(payload)["error"]
+        assert error["message"] and error["request_id"]
+        assert "Traceback" not in error["message"]

@@ -128,11 +128,35 @@ class HttpIntakeConfig(_Section):
         return int(self.listen.rpartition(":")[2])
 
 
+class ChatIntakeConfig(_Section):
+    enabled: bool = False
+    token: str = "env:REELQUEUE_TELEGRAM_TOKEN"
+    # A local Bot API server keeps chat inside the building.
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    allowed_user_ids: list[int] = Field(default_factory=list)
+    allowed_chat_ids: list[int] = Field(default_factory=list)
+    admin_user_ids: list[int] = Field(default_factory=list)
+    max_upload_mb: float = Field(default=50, gt=0)
+    max_jobs_per_user_per_day: int = Field(default=20, ge=0)
+    max_queued_per_user: int = Field(default=3, ge=0)
+    max_prompt_chars: int = Field(default=2000, ge=1, le=10_000)
+    # The progress message is edited at most this often.
+    progress_interval: Duration = 5.0
+    # Links instead of uploads for videos over max_upload_mb, when the HTTP API is public.
+    public_base_url: str = ""
+
+    @property
+    def secret(self) -> str | None:
+        return resolve_secret(self.token)
+
+
 class IntakeConfig(_Section):
     folder: list[FolderIntakeConfig] = Field(
         default_factory=lambda: [FolderIntakeConfig(path=Path("inbox"))]
     )
     http: HttpIntakeConfig = Field(default_factory=HttpIntakeConfig)
+    chat: ChatIntakeConfig = Field(default_factory=ChatIntakeConfig)
 
 
 class WorkerConfig(_Section):

@@ -10,19 +10,20 @@ each channel's delivery is idempotent, so nothing arrives twice.
 from __future__ import annotations
 
 import asyncio
-import importlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from redis.exceptions import RedisError
 
 from daemon import metrics
 from daemon.config import Config
-from daemon.jobs import Channel, JobOutcome, JobStatus, job_dir, read_spec
+from daemon.jobs import Channel, JobOutcome, JobSpec, JobStatus, job_dir, read_spec
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 
-# Channel → module with ``deliver(spec, outcome, job_dir)``. Channels not listed
-# (cli, http) are answered by polling the job's state; nothing to push.
-_DELIVERERS = {Channel.folder: "intake.folder"}
+# How a channel answers a finished job. It must be idempotent: after a crash the same
+# job may be handed to it again, and it must not answer twice.
+Deliverer = Callable[[JobSpec, JobOutcome, Path], Awaitable[None]]
 MAX_BACKOFF_S = 300.0
 
 log = get_logger(component="delivery")
@@ -34,6 +35,11 @@ class DeliveryLoop:
         self.queue = queue
         self.failures: dict[str, int] = {}
         self._retries: set[asyncio.Task[None]] = set()
+        # Channels not registered (cli, http) are answered by polling the job's state.
+        self.deliverers: dict[Channel, Deliverer] = {}
+
+    def register(self, channel: Channel, deliverer: Deliverer) -> None:
+        self.deliverers[channel] = deliverer
 
     async def run(self, stop: asyncio.Event) -> None:
         moved = await self.queue.requeue_active_deliveries()
@@ -54,7 +60,7 @@ class DeliveryLoop:
     async def _deliver_one(self, job_id: str) -> None:
         try:
             state = await self.queue.get_state(job_id) or {}
-            await asyncio.to_thread(self.deliver, job_id, state)
+            await self.deliver(job_id, state)
         except Exception as exc:
             failures = self.failures[job_id] = self.failures.get(job_id, 0) + 1
             delay = min(MAX_BACKOFF_S, 2.0**failures)
@@ -72,14 +78,14 @@ class DeliveryLoop:
         await asyncio.sleep(delay)
         await self.queue.delivery_retry_later(job_id)
 
-    def deliver(self, job_id: str, state: dict[str, object]) -> None:
+    async def deliver(self, job_id: str, state: dict[str, object]) -> None:
         directory = job_dir(self.config.jobs_dir, job_id)
-        spec = read_spec(self.config.jobs_dir, job_id)
-        module = _DELIVERERS.get(spec.source.channel)
-        if module is None:
+        spec = await asyncio.to_thread(read_spec, self.config.jobs_dir, job_id)
+        deliverer = self.deliverers.get(spec.source.channel)
+        if deliverer is None:
             return
         outcome = JobOutcome.read(directory) or _outcome_from_state(state)
-        importlib.import_module(module).deliver(spec, outcome, directory)
+        await deliverer(spec, outcome, directory)
 
 
 def _outcome_from_state(state: dict[str, object]) -> JobOutcome:

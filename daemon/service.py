@@ -7,6 +7,7 @@ import signal
 
 from daemon.config import Config
 from daemon.delivery import DeliveryLoop
+from daemon.jobs import Channel
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from daemon.redis_server import ensure_redis
@@ -16,6 +17,7 @@ log = get_logger(component="daemon")
 
 async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     # Intakes build on the daemon, not the reverse: imported here, not at module level.
+    from intake import folder as folder_channel
     from intake.folder import FolderIntake
     from intake.http import HttpIntake
 
@@ -31,6 +33,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     if config.intake.http.enabled:
         intakes.append(HttpIntake(config, queue))
     delivery = DeliveryLoop(config, queue)
+    delivery.register(Channel.folder, folder_channel.deliver_async)
     started: list[FolderIntake | HttpIntake] = []
     try:
         for intake in intakes:

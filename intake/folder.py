@@ -348,6 +348,11 @@ def _delivery_finished(directory: Path) -> bool | None:
     return bool(json.loads(plan.read_text(encoding="utf-8")).get("delivered"))
 
 
+async def deliver_async(spec: JobSpec, outcome: JobOutcome, directory: Path) -> None:
+    """The folder channel's deliverer for the daemon's delivery loop (file work in a thread)."""
+    await asyncio.to_thread(deliver, spec, outcome, directory)
+
+
 def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, str]:
     """Put a finished job's results (or its failure) beside its request.
 

@@ -18,6 +18,7 @@ from daemon.jobs import JobError
 
 _KINDS = {
     "video": "workers.pipelines.video",
+    "long_exposure": "workers.pipelines.long_exposure",
 }
 
 

@@ -1,0 +1,133 @@
+"""Reading and writing the media that job kinds take and give: video clips, images
+(8- or 16-bit, with or without alpha) and bursts of images in a zip. Frames are
+numpy arrays in RGB(A) order."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+
+from daemon import files
+from daemon.jobs import JobError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+BURST_SUFFIXES = (".zip",)
+MAX_PIXELS = 8192 * 8192  # a guard against decompression bombs and absurd inputs
+
+
+@dataclass
+class Clip:
+    frames: list[np.ndarray]  # H×W×3 uint8 RGB
+    fps: float
+    duration_s: float
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as RGB or RGBA, uint8 or uint16 as stored."""
+    data = np.fromfile(path, dtype=np.uint8)
+    return decode_image(data.tobytes(), path.name)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise JobError(f"{name} is not an image this server can read (PNG, JPEG, TIFF, WebP)")
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise JobError(f"{name} is {image.shape[1]}×{image.shape[0]}; the limit is "
+                       f"{MAX_PIXELS // 1_000_000} megapixels")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_burst(path: Path, max_frames: int) -> list[np.ndarray]:
+    """The images of a zip, in name order (how cameras number a burst)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise JobError(f"{path.name} is not a valid zip archive") from None
+    with archive:
+        names = sorted(n for n in archive.namelist()
+                       if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.endswith("/")
+                       and not Path(n).name.startswith("."))
+        if not names:
+            raise JobError(f"{path.name} holds no images (PNG, JPEG, TIFF, WebP)")
+        if len(names) > max_frames:
+            raise JobError(f"{path.name} holds {len(names)} images; the limit is {max_frames}")
+        frames = []
+        for name in names:
+            info = archive.getinfo(name)
+            if info.file_size > 512 * 1024 * 1024:
+                raise JobError(f"{name} in {path.name} is larger than 512 MB")
+            frames.append(decode_image(archive.read(name), name))
+    return frames
+
+
+def read_video(path: Path, max_frames: int) -> Clip:
+    """Decode up to ``max_frames`` RGB frames of a video."""
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(reader)
+    except (OSError, RuntimeError, StopIteration) as exc:
+        raise JobError(f"{path.name} is not a video this server can decode ({exc})") from None
+    width, height = meta["size"]
+    if width * height > MAX_PIXELS:
+        reader.close()
+        raise JobError(f"{path.name} is {width}×{height}; the limit is "
+                       f"{MAX_PIXELS // 1_000_000} megapixels")
+    frames = []
+    try:
+        for raw in reader:
+            frames.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
+            if len(frames) >= max_frames:
+                break
+    finally:
+        reader.close()
+    if not frames:
+        raise JobError(f"{path.name} has no video frames")
+    return Clip(frames, float(meta.get("fps") or 0.0), float(meta.get("duration") or 0.0))
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    return image.astype(np.float32) / scale
+
+
+def from_float(image: np.ndarray, bits: int) -> np.ndarray:
+    top = 65535.0 if bits == 16 else 255.0
+    dtype = np.uint16 if bits == 16 else np.uint8
+    return (np.clip(image, 0.0, 1.0) * top + 0.5).astype(dtype)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write RGB(A) uint8/uint16 as PNG, atomically."""
+    if image.ndim == 3 and image.shape[2] == 4:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    elif image.ndim == 3:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    else:
+        bgr = image
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise RuntimeError(f"could not encode {path.name} as PNG")
+    files.write_bytes(path, encoded.tobytes())
+
+
+def jpeg_bytes(image: np.ndarray, width: int = 320) -> bytes:
+    """A small JPEG preview (for reports) of an RGB image of any depth."""
+    preview = image[..., :3]
+    if preview.dtype != np.uint8:
+        preview = from_float(to_float(preview), 8)
+    height = max(1, round(preview.shape[0] * width / preview.shape[1]))
+    small = cv2.resize(preview, (width, height), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return encoded.tobytes() if ok else b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import sys
 import time
@@ -173,7 +174,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     state = await queue.get_state(beat["job_id"]) or {}
                     doing = (f"running {beat['job_id']}: {state.get('stage', '')} "
                              f"{state.get('percent', 0):.0f}% {state.get('message', '')}")
-                console.print(f"worker {beat['name']} on {beat['device']} "
+                if beat.get("stopped"):
+                    doing = f"[red]not taking jobs[/]: {beat['stopped']}"
+                vram = ""
+                if beat.get("vram_total"):
+                    vram = (f", VRAM {beat['vram_used'] / 2**30:.1f}/"
+                            f"{beat['vram_total'] / 2**30:.1f} GiB")
+                console.print(f"worker {beat['name']} on {beat['device']}{vram} "
                               f"(seen {beat['age_s']} s ago): {doing}")
             return 0
         finally:
@@ -253,6 +260,56 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace, config: Config) -> int:
+    """Write the page of every job in a time window, from the job directories alone
+    (no Redis needed)."""
+    from datetime import datetime
+
+    from workers.pipelines import digest
+
+    now = datetime.now().astimezone()
+    since = digest.parse_time(args.since, now)
+    until = digest.parse_time(args.until, now) if args.until else now
+    if since >= until:
+        raise JobError(f"--since ({since:%Y-%m-%d %H:%M}) must be before --until "
+                       f"({until:%Y-%m-%d %H:%M})")
+    written = digest.write(config, since, until, Path(args.out) if args.out else None)
+    print(written["summary"])
+    console.print(f"digest: [cyan]{written['html']}[/]")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    """List the models in [models] dir and check them against the manifest."""
+    from workers import models
+
+    installed = models.list_models(config.models.dir)
+    if not installed:
+        console.print(f"no models in {config.models.dir}: fetch them with `python "
+                      "scripts/fetch_models.py NAME --dest models/` on a machine with hub "
+                      f"access, then copy them there. Known names: {', '.join(models.CATALOGUE)}")
+        return 0
+    table = Table("model", "kind", "size", "checksums")
+    damaged = 0
+    for model in installed:
+        report = models.verify(config.models.dir, model.name)
+        damaged += not report.ok
+        state = "[green]ok[/]" if report.ok and report.in_manifest else (
+            "[yellow]unchecked[/]" if report.ok else "[red]damaged[/]")
+        table.add_row(model.name, model.kind, f"{model.size_bytes / 1e9:.2f} GB",
+                      f"{state} {report.summary().split(': ', 1)[-1]}")
+    console.print(table)
+    return 1 if damaged else 0
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from daemon.doctor import render, run_checks
+
+    text, status = render(run_checks(config))
+    print(text)
+    return status
+
+
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     """Start the whole stack, put one example prompt through the drop folder, stop."""
     from daemon.supervisor import Supervisor
@@ -282,7 +339,7 @@ async def _demo_job(config: Config, inbox: Path) -> int:
         if request.exists():
             raise JobError(f"{request} is already waiting in the inbox; run `reelqueue up` to "
                            "process it, or remove it")
-        job_id = folder_job_id(config.jobs_dir, inbox, name, data)
+        job_id = folder_job_id(config.jobs_dir, inbox, name, hashlib.sha256(data).hexdigest())
         tmp = inbox / f".{name}.part"
         tmp.write_bytes(data)
         tmp.rename(request)  # renamed in, as a careful writer would
@@ -352,13 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="a .txt/.md prompt or .json/.toml job file")
     run.add_argument("--kind", default="video")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    digest = sub.add_parser("digest", help="a page listing every job of a time window")
+    digest.add_argument("--since", required=True, metavar="TIME",
+                        help="ISO date or time (2026-11-20, 2026-11-20T18:00) or a span back "
+                        "from now (12h, 1d)")
+    digest.add_argument("--until", metavar="TIME", help="same forms; default now")
+    digest.add_argument("--out", metavar="DIR", help="where to write it (default [digest] "
+                        "out_dir, else <state>/digests)")
     sub.add_parser("demo", help="start everything, run one example through the drop folder")
+    sub.add_parser("models", help="list the models on disk and verify their checksums")
+    sub.add_parser("doctor", help="check this machine: config, packages, ffmpeg, Redis, GPU, "
+                   "models, folders, disk, fonts")
     return parser
 
 
 COMMANDS = {"up": cmd_up, "daemon": cmd_daemon, "worker": cmd_worker, "submit": cmd_submit,
             "status": cmd_status, "jobs": cmd_jobs, "cancel": cmd_cancel, "run": cmd_run,
-            "demo": cmd_demo}
+            "digest": cmd_digest, "demo": cmd_demo, "doctor": cmd_doctor,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

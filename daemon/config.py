@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -166,8 +168,49 @@ class WorkerConfig(_Section):
     name: str = ""
 
 
+class ModelsConfig(_Section):
+    # Where models live; a model setting names a folder (or file) in here, or gives an
+    # absolute path. Weights are never downloaded at run time.
+    dir: Path = Path("models")
+
+
+class GpuConfig(_Section):
+    # VRAM kept free for everything else on the card.
+    reserve_gb: float = Field(default=1.0, ge=0)
+    # The most VRAM this worker may use (e.g. 8 on a shared card); 0: the whole card.
+    vram_budget_gb: float = Field(default=0.0, ge=0)
+    # A warning goes into the log and the report above this share of VRAM in use.
+    warn_percent: float = Field(default=85.0, gt=0, le=100)
+
+
+class StoryboardConfig(_Section):
+    # "rules": split the prompt at sentences; "llm": a local chat model writes the scenes.
+    backend: Literal["rules", "llm"] = "rules"
+    # The chat model for backend = "llm" (e.g. Qwen2.5-1.5B-Instruct in [models] dir).
+    model: str = ""
+    # Schema-constrained decoding (outlines): the JSON is valid by construction.
+    constrained: bool = True
+
+    @model_validator(mode="after")
+    def _model_for_llm(self) -> StoryboardConfig:
+        if self.backend == "llm" and not self.model:
+            raise ValueError('backend = "llm" needs model = "<a chat model folder in [models] '
+                             'dir>", e.g. "Qwen2.5-1.5B-Instruct"')
+        return self
+
+
 class VideoConfig(_Section):
-    backend: Literal["animatic"] = "animatic"
+    # "animatic": a storyboard film, needs no weights; "diffusers": a local text-to-video
+    # model (Wan 2.1/2.2, LTX-Video, CogVideoX), its family read from model_index.json.
+    backend: Literal["animatic", "diffusers"] = "animatic"
+    # The text-to-video model for backend = "diffusers": a name in [models] dir.
+    model: str = ""
+    # Start each scene from the previous scene's last frame (image-to-video).
+    continuity: bool = True
+    # A separate image-to-video model for continuity, when the main model has none.
+    continuity_model: str = ""
+    # Denoising steps; 0: the model family's default.
+    steps: int = Field(default=0, ge=0, le=200)
     width: int = Field(default=832, ge=64, le=3840)
     height: int = Field(default=480, ge=64, le=2160)
     fps: int = Field(default=16, ge=1, le=60)
@@ -182,6 +225,151 @@ class VideoConfig(_Section):
             raise ValueError("must be even (H.264 with yuv420p needs even sizes)")
         return value
 
+    @model_validator(mode="after")
+    def _model_for_diffusers(self) -> VideoConfig:
+        if self.backend == "diffusers" and not self.model:
+            raise ValueError('backend = "diffusers" needs model = "<a model folder in [models] '
+                             'dir>", e.g. "Wan2.1-T2V-1.3B-Diffusers"')
+        return self
+
+
+class UpscaleConfig(_Section):
+    # A local ESRGAN-family .pth (e.g. models/RealESRGAN_x4plus.pth), loaded with spandrel.
+    model: Path | None = None
+    # Tiles keep an 8 GB GPU enough for large images: core size, feathered overlap, and
+    # context each tile sees beyond its core so edges match the whole-image result.
+    tile: int = Field(default=192, ge=16, le=4096)
+    tile_overlap: int = Field(default=16, ge=0, le=512)
+    tile_context: int = Field(default=16, ge=0, le=512)
+    # fp16/bf16 on a GPU when the model supports it (a NaN/Inf tile falls back to fp32).
+    half: bool = True
+    max_frames: int = Field(default=3000, ge=1)
+
+
+class CaptionConfig(_Section):
+    # A local GIT video-captioning checkpoint directory (e.g. models/git-base-vatex).
+    model: Path | None = None
+    max_length: int = Field(default=40, ge=5, le=200)
+    # A video with shot changes is also captioned per shot, up to this many shots.
+    max_shots: int = Field(default=8, ge=1, le=50)
+
+
+COMMAND_PLACEHOLDERS = ("{input}", "{outdir}", "{jobdir}", "{prompt}", "{job_id}")
+INPUT_TYPES = ("video", "image", "burst", "audio", "text")
+
+
+class CommandPipelineConfig(_Section):
+    """A research model's own CLI and environment, run as a job kind (``[pipelines.X]``)."""
+
+    type: Literal["command"]
+    # What a job must bring: input types (video, image, burst, audio, text) or suffixes.
+    inputs: list[str] = Field(default_factory=list)
+    # The argv; no shell. An argument that is exactly a placeholder is replaced whole.
+    command: list[str] = Field(min_length=1)
+    cwd: Path | None = None
+    outputs: list[str] = Field(default_factory=lambda: ["*"])
+    timeout: Duration = 7200.0
+    gpu: bool = False
+    # Extra environment for the command; nothing else of the daemon's environment
+    # (tokens, secrets) is passed on, only PATH, HOME and the locale.
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value not in INPUT_TYPES and not re.fullmatch(r"\.[A-Za-z0-9]{1,10}", value):
+                raise ValueError(f"{value!r} is neither an input type ({', '.join(INPUT_TYPES)})"
+                                 " nor a file suffix like '.npz'")
+        return values
+
+    @field_validator("command")
+    @classmethod
+    def _placeholders(cls, argv: list[str]) -> list[str]:
+        for arg in argv:
+            if arg.startswith("{") and arg.endswith("}") and arg not in COMMAND_PLACEHOLDERS:
+                known = ", ".join(COMMAND_PLACEHOLDERS)
+                raise ValueError(f"unknown placeholder {arg}; use {known}")
+        return argv
+
+    @field_validator("outputs")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if "/" in pattern or "\\" in pattern or pattern.startswith("."):
+                raise ValueError(f"{pattern!r}: output patterns match file names in {{outdir}}, "
+                                 "without folders or leading dots")
+        return patterns
+
+
+# --- [post]: what turns scene clips into a finished video -------------------------------
+
+SubtitleMode = Literal["burn", "soft", "off"]
+SubtitleStyle = Literal["outline", "box"]
+Transition = Literal["cut", "crossfade", "fade"]
+LookPreset = Literal["none", "natural", "warm", "vintage", "crisp"]
+MUSIC_RANDOM = "random"
+
+
+def _music_name(value: str) -> str:
+    # A name inside [post] music_dir, never a path: a job must not read other files.
+    if value and (value != value.strip() or "/" in value or "\\" in value
+                  or value.startswith(".")):
+        raise ValueError('must be "" (no music), "random", or a file name in [post] music_dir '
+                         "(no folders, no leading dot)")
+    return value
+
+
+MusicChoice = Annotated[str, AfterValidator(_music_name)]
+# Shared by [post] and the video kind's per-job options, so both check the same ranges.
+Crf = Annotated[int, Field(ge=0, le=51)]
+MusicVolume = Annotated[float, Field(ge=0, le=2)]
+MusicFade = Annotated[Duration, Field(le=30)]
+TransitionSeconds = Annotated[Duration, Field(ge=0.05, le=2)]
+SmoothMotion = Annotated[int, Field(ge=1, le=4)]
+MaxMegabytes = Annotated[float, Field(ge=0)]
+
+
+class LookConfig(_Section):
+    """A colour look: a preset, and raw values that override the preset's."""
+
+    preset: LookPreset = "none"
+    brightness: float | None = Field(default=None, ge=-1, le=1)
+    contrast: float | None = Field(default=None, ge=0, le=3)
+    saturation: float | None = Field(default=None, ge=0, le=3)
+    warmth: float | None = Field(default=None, ge=-1, le=1)
+    vignette: float | None = Field(default=None, ge=0, le=1)
+    sepia: float | None = Field(default=None, ge=0, le=1)
+    denoise: float | None = Field(default=None, ge=0, le=1)
+    white_balance: bool | None = None
+    clahe: float | None = Field(default=None, ge=0, le=8)
+
+
+class PostConfig(_Section):
+    subtitles: SubtitleMode = "burn"
+    subtitle_style: SubtitleStyle = "outline"
+    music: MusicChoice = ""
+    music_dir: Path | None = None
+    music_volume: MusicVolume = 0.5
+    music_fade: MusicFade = 2.0
+    transition: Transition = "crossfade"
+    transition_duration: TransitionSeconds = 0.5
+    look: LookPreset | LookConfig = "none"
+    smooth_motion: SmoothMotion = 1
+    max_mb: MaxMegabytes = 0
+
+
+class DigestConfig(_Section):
+    enabled: bool = False
+    at: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    window: Duration = Field(default=86400.0, gt=0)
+    out_dir: Path | None = None
+
+    @property
+    def hour_minute(self) -> tuple[int, int]:
+        hour, minute = self.at.split(":")
+        return int(hour), int(minute)
+
 
 class Config(_Section):
     state: StateConfig = Field(default_factory=StateConfig)
@@ -190,6 +378,14 @@ class Config(_Section):
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
+    storyboard: StoryboardConfig = Field(default_factory=StoryboardConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    post: PostConfig = Field(default_factory=PostConfig)
+    digest: DigestConfig = Field(default_factory=DigestConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    pipelines: dict[str, CommandPipelineConfig] = Field(default_factory=dict)
     # Where the file came from; relative paths were resolved against its folder.
     source_path: Path | None = Field(default=None, exclude=True)
 
@@ -231,6 +427,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         folder.path = resolve(folder.path)
     if config.video.font is not None:
         config.video.font = resolve(config.video.font)
+    if config.post.music_dir is not None:
+        config.post.music_dir = resolve(config.post.music_dir)
+    if config.digest.out_dir is not None:
+        config.digest.out_dir = resolve(config.digest.out_dir)
+    config.models.dir = resolve(config.models.dir)
+    for section in (config.upscale, config.caption):
+        if section.model is not None:
+            section.model = resolve(section.model)
+    for pipeline in config.pipelines.values():
+        if pipeline.cwd is not None:
+            pipeline.cwd = resolve(pipeline.cwd)
     return config
 
 
@@ -259,4 +466,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, str(file))) from None
     config.source_path = file.resolve()
-    return _resolve_paths(config, file.resolve().parent)
+    config = _resolve_paths(config, file.resolve().parent)
+    # Every process that reads the config must know the job kinds it declares.
+    from workers import pipelines
+
+    try:
+        pipelines.register_commands(config.pipelines)
+    except ValueError as exc:
+        raise ConfigError(f"{file}: invalid configuration\n  {exc}") from None
+    return config

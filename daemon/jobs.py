@@ -73,12 +73,14 @@ class JobSpec(BaseModel):
 @dataclass
 class JobOutcome:
     """How a job ended, written to ``result.json`` in its directory: the durable record
-    that delivery reads. ``primary`` and ``reports`` are file names in the job dir."""
+    that delivery reads. ``primary``, ``reports`` and ``extras`` are paths relative to
+    the job dir."""
 
     status: JobStatus
     error: str | None = None
     primary: str | None = None
     reports: list[str] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def write(self, directory: Path) -> None:
@@ -174,6 +176,9 @@ def validate_request(
     from workers import pipelines  # imported late: daemon does not depend on workers at import
 
     pipeline = pipelines.load(kind)
+    if pipeline.INPUTS and not inputs:
+        raise JobError(f"a {kind} job needs an input file ({', '.join(pipeline.INPUTS)}), "
+                       "not only text", [{"field": "file", "reason": "missing"}])
     for name in inputs or []:
         suffix = Path(name).suffix.lower()
         if suffix not in pipeline.INPUTS:

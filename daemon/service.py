@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 from daemon.config import Config
 from daemon.delivery import DeliveryLoop
@@ -11,6 +12,9 @@ from daemon.jobs import Channel
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from daemon.redis_server import ensure_redis
+
+if TYPE_CHECKING:
+    from intake.chat import ChatIntake
 
 log = get_logger(component="daemon")
 
@@ -28,20 +32,27 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
 
     url, owned_redis = await asyncio.to_thread(ensure_redis, config.state_dir, config.redis.url)
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results)
-    intakes: list[FolderIntake | HttpIntake] = [
+    intakes: list[FolderIntake | HttpIntake | ChatIntake] = [
         FolderIntake(folder, config, queue) for folder in config.intake.folder]
     if config.intake.http.enabled:
         intakes.append(HttpIntake(config, queue))
     delivery = DeliveryLoop(config, queue)
     delivery.register(Channel.folder, folder_channel.deliver_async)
-    started: list[FolderIntake | HttpIntake] = []
+    if config.intake.chat.enabled:
+        from intake.chat import ChatIntake  # python-telegram-bot only when chat is on
+
+        chat = ChatIntake(config, queue)
+        intakes.append(chat)
+        delivery.register(Channel.chat, chat.deliver)
+    started: list[FolderIntake | HttpIntake | ChatIntake] = []
     try:
         for intake in intakes:
             await intake.start()
             started.append(intake)
         delivery_task = asyncio.create_task(delivery.run(stop))
         log.info("daemon ready", redis=url, folders=[str(f.path) for f in config.intake.folder],
-                 http=config.intake.http.listen if config.intake.http.enabled else None)
+                 http=config.intake.http.listen if config.intake.http.enabled else None,
+                 chat=config.intake.chat.enabled)
         await stop.wait()
         log.info("daemon stopping")
         await delivery_task

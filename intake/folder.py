@@ -19,9 +19,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -47,11 +49,13 @@ from daemon.jobs import (
     Source,
     derive_job_id,
     job_dir,
+    validate_request,
     write_spec,
 )
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from intake.jobfile import parse_request
+from workers import pipelines
 
 IGNORED_PATTERNS = (".*", "*~", "*.tmp", "*.part", "*.swp", "*.crdownload")
 DONE, FAILED = "done", "failed"
@@ -260,43 +264,62 @@ class FolderIntake:
         if size > limit:
             raise JobError(
                 f"the file is {size / 1024 / 1024:.1f} MB; this folder takes files up to "
-                f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb). A prompt "
-                "is a few lines of text"
+                f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb)"
             )
+        if path.suffix.lower() in pipelines.load(self.folder.kind).INPUTS:
+            return self._prepare_media(path)
         with open(path, "rb") as handle:
             data = handle.read(limit + 1)
         request = parse_request(path.name, data, self.folder.kind, self.folder.options)
-        job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, data)
+        digest = hashlib.sha256(data).hexdigest()
+        return self._write_job(path, digest, request.kind, request.prompt, request.options,
+                               lambda inputs: files.write_bytes(inputs / path.name, data))
+
+    def _prepare_media(self, path: Path) -> JobSpec | None:
+        """A media file is the job's input itself: hashed and copied by streaming, so a
+        large video is never held in memory."""
+        options = validate_request(self.folder.kind, "", dict(self.folder.options), [path.name])
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+        return self._write_job(path, digest.hexdigest(), self.folder.kind, "", options,
+                               lambda inputs: files.copy_file(path, inputs / path.name))
+
+    def _write_job(self, path: Path, digest: str, kind: str, prompt: str,
+                   options: dict[str, Any], keep_input: Callable[[Path], None]
+                   ) -> JobSpec | None:
+        job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, digest)
         if job_id is None:
             return None
         spec = JobSpec(
             id=job_id,
-            kind=request.kind,
-            prompt=request.prompt,
+            kind=kind,
+            prompt=prompt,
             inputs=[path.name],
-            options=request.options,
+            options=options,
             source=Source(channel=Channel.folder, folder=str(self.path), filename=path.name),
             submitted_by=_owner_name(path),
             priority=self.folder.priority,
         )
         directory = job_dir(self.config.jobs_dir, job_id)
         if not (directory / "spec.json").exists():
-            files.write_bytes(directory / "inputs" / path.name, data)
+            keep_input(directory / "inputs")  # the input, kept as received
             write_spec(self.config.jobs_dir, spec)
         return spec
 
 
-def folder_job_id(jobs_root: Path, folder: Path, name: str, data: bytes) -> str | None:
-    """The job id for file ``name`` with content ``data`` in watch folder ``folder``.
+def folder_job_id(jobs_root: Path, folder: Path, name: str, content_sha256: str) -> str | None:
+    """The job id for file ``name`` with that content hash in watch folder ``folder``.
 
     Deterministic, so the same file seen twice is one job. A job already delivered
     means this is a new drop of the same file: it gets the next generation's id. None
     while that file's job is being delivered (it is on its way out of the inbox).
     """
-    content = hashlib.sha256(data).hexdigest()
     generation = 1
     while True:
-        parts = [str(folder), name, content] + ([str(generation)] if generation > 1 else [])
+        parts = [str(folder), name, content_sha256] + (
+            [str(generation)] if generation > 1 else [])
         job_id = derive_job_id(*parts)
         delivered = _delivery_finished(job_dir(jobs_root, job_id))
         if delivered is None:
@@ -372,15 +395,22 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
     else:
         ok = outcome.status == JobStatus.done
         target = inbox / (DONE if ok else FAILED)
-        primary_suffix = Path(outcome.primary).suffix if ok and outcome.primary else ""
+        # "result.caption.txt" → "<stem>.caption.txt"; never the request's own name.
+        primary_suffix = "".join(Path(outcome.primary).suffixes) if ok and outcome.primary \
+            else ""
+        if primary_suffix.lower() == request.suffix.lower():
+            primary_suffix = f".result{primary_suffix}"
+        extras = {f"extra:{e}": f".{Path(e).name}" for e in outcome.extras} if ok else {}
         suffixes = [request.suffix] + (
-            [primary_suffix, ".report.json", ".report.html"] if ok else [".error.txt"]
+            [primary_suffix, ".report.json", ".report.html", *extras.values()] if ok
+            else [".error.txt"]
         )
         stem = unique_stem(target, request.stem, suffixes)
         names = {"request": f"{stem}{request.suffix}"}
         if ok:
             names |= {"primary": f"{stem}{primary_suffix}", "report.json": f"{stem}.report.json",
                       "report.html": f"{stem}.report.html"}
+            names |= {key: f"{stem}{suffix}" for key, suffix in extras.items()}
         else:
             names |= {"error": f"{stem}.error.txt"}
         plan = {"target": str(target), "files": {k: str(target / v) for k, v in names.items()},
@@ -390,8 +420,14 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
     out = {k: Path(v) for k, v in plan["files"].items()}
     if outcome.status == JobStatus.done:
         files.copy_file(directory / outcome.primary, out["primary"])
+        for key, dest in out.items():
+            if key.startswith("extra:"):
+                files.copy_file(directory / key.removeprefix("extra:"), dest)
         files.copy_file(directory / "report.json", out["report.json"])
-        write_html(directory, out["report.html"], video_name=out["primary"].name)
+        if spec.kind == "video":
+            write_html(directory, out["report.html"], video_name=out["primary"].name)
+        else:
+            files.copy_file(directory / "report.html", out["report.html"])
     else:
         reason = outcome.error or outcome.status.value
         files.write_text(out["error"], _error_text(request.name, reason, spec.id, inbox))

@@ -19,19 +19,17 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 from redis.exceptions import RedisError
 
-from daemon import files, metrics
+from daemon import links, metrics
 from daemon.config import Config, HttpToken
 from daemon.jobs import (
     Channel,
@@ -98,15 +96,7 @@ class HttpApi:
                             token=token.name, variable=token.token.removeprefix("env:"))
                 continue
             self.tokens.append((secret.encode(), token))
-        self.link_key = self._link_key()
-
-    def _link_key(self) -> bytes:
-        """The key that signs file links, kept in the state folder across restarts."""
-        path = self.config.state_dir / "http-link.key"
-        if not path.exists():
-            files.write_bytes(path, secrets.token_bytes(32))
-            path.chmod(0o600)
-        return path.read_bytes()
+        self.link_key = links.link_key(config.state_dir)
 
     # --- application -------------------------------------------------------------------
 
@@ -183,20 +173,12 @@ class HttpApi:
         request[CALLER] = caller.name
         return caller
 
-    def _sign(self, job_id: str, name: str, expires: int) -> str:
-        message = f"{job_id}\0{name}\0{expires}".encode()
-        return hmac.new(self.link_key, message, hashlib.sha256).hexdigest()[:32]
-
     def file_link(self, job_id: str, name: str) -> str:
-        expires = int(time.time() + self.http.link_ttl)
-        return (f"/jobs/{job_id}/files/{quote(name)}?expires={expires}"
-                f"&sig={self._sign(job_id, name, expires)}")
+        return links.file_link(self.link_key, job_id, name, self.http.link_ttl)
 
     def _signed(self, request: web.Request, job_id: str, name: str) -> bool:
-        sig, expires = request.query.get("sig", ""), request.query.get("expires", "")
-        if not sig or not expires.isdigit() or int(expires) < time.time():
-            return False
-        return hmac.compare_digest(sig, self._sign(job_id, name, int(expires)))
+        return links.verify(self.link_key, job_id, name, request.query.get("expires", ""),
+                            request.query.get("sig", ""))
 
     # --- job access ---------------------------------------------------------------------
 
@@ -233,8 +215,13 @@ class HttpApi:
         outcome = JobOutcome.read(directory)
         if outcome is None or outcome.status != JobStatus.done:
             return {}
-        names = ([outcome.primary] if outcome.primary else []) + outcome.reports
-        return {name: directory / name for name in names if (directory / name).is_file()}
+        paths = ([outcome.primary] if outcome.primary else []) + outcome.reports + outcome.extras
+        artifacts: dict[str, Path] = {}
+        for relative in paths:  # served by base name; the first of a name wins
+            path = directory / relative
+            if path.is_file() and path.name not in artifacts:
+                artifacts[path.name] = path
+        return artifacts
 
     def job_view(self, state: dict[str, Any]) -> dict[str, Any]:
         job_id = state["id"]
@@ -283,9 +270,11 @@ class HttpApi:
             return web.json_response({"redis": f"unreachable: {exc}", "status": "unhealthy"},
                                      status=503)
         body["workers"] = [{k: beat.get(k) for k in ("name", "device", "age_s", "job_id",
-                                                      "vram_used", "vram_total")}
+                                                      "vram_used", "vram_total", "stopped")}
                            for beat in workers]
-        alive = [beat for beat in workers if beat["age_s"] < WORKER_STALE_S]
+        # A worker that stopped taking jobs (a broken GPU) is up, but serves nobody.
+        alive = [beat for beat in workers
+                 if beat["age_s"] < WORKER_STALE_S and not beat.get("stopped")]
         body["worker_heartbeat_age_s"] = min((b["age_s"] for b in workers), default=None)
         body["status"] = "ok" if alive else "no worker alive"
         return web.json_response(body, status=200 if alive else 503)
@@ -400,7 +389,7 @@ class HttpApi:
                     raise ApiError(413, f"field {part.name!r} is larger than 1 MB")
                 fields[part.name or ""] = value.decode("utf-8", "replace")
                 continue
-            name = _safe_filename(part.filename)
+            name = links.safe_filename(part.filename)
             target = self._upload_dir(job_id) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as handle:
@@ -491,7 +480,8 @@ class HttpApi:
         if name not in artifacts:  # only the job's own artifacts: no path escapes
             raise ApiError(404, f"job {job_id} has no file {name!r}; see links.files in "
                          f"GET /jobs/{job_id}")
-        if name == "report.html":
+        spec = read_spec(self.config.jobs_dir, job_id)
+        if name == "report.html" and spec.kind == "video":
             return await self._report_page(job_id, artifacts)
         return web.FileResponse(artifacts[name], headers={"Cache-Control": "private"})
 
@@ -502,7 +492,7 @@ class HttpApi:
         directory = job_dir(self.config.jobs_dir, job_id)
         report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
         outcome = JobOutcome.read(directory)
-        primary = outcome.primary if outcome and outcome.primary else ""
+        primary = Path(outcome.primary).name if outcome and outcome.primary else ""
         link = self.file_link(job_id, primary).rsplit("/", 1)[1]  # relative to files/
         page = await asyncio.to_thread(render_html, directory, report, link)
         return web.Response(text=page, content_type="text/html",
@@ -538,12 +528,6 @@ class HttpIntake:
 def _idem_key(caller: str, key: str) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"reelqueue:idempotency:{caller}:{digest}"
-
-
-def _safe_filename(name: str) -> str:
-    """A client's file name reduced to something safe to put in the job directory."""
-    base = _SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip("._")
-    return base[-100:] or "upload"
 
 
 def _float(value: Any) -> float | None:

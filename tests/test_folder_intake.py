@@ -4,6 +4,7 @@ these tests check what is taken, when, how often, and how refusals are explained
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import os
 import time
@@ -55,7 +56,8 @@ def drop(folder: Path, name: str, data: bytes) -> Path:
 async def test_a_prompt_file_becomes_one_queued_job(intake, queue, config):
     data = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。\n".encode()
     path = drop(intake.path, "fox.txt", data)
-    expected = folder_job_id(config.jobs_dir, intake.path, "fox.txt", data)
+    expected = folder_job_id(config.jobs_dir, intake.path, "fox.txt",
+                             hashlib.sha256(data).hexdigest())
     await until(lambda: queued_ids(queue), what="the job to be queued")
     assert await queued_ids(queue) == [expected]
     spec = read_spec(config.jobs_dir, expected)
@@ -137,7 +139,7 @@ async def test_file_deleted_before_it_is_taken_is_forgotten(intake, queue):
     ("latin1.txt", "café".encode("latin-1"), "not valid UTF-8"),
     ("broken.json", b'{"prompt": "a fox", "duration": }', "JSON is malformed at line 1"),
     ("broken.toml", b'prompt = "a fox\nduration = 5\n', "TOML is malformed"),
-    ("unknown.json", b'{"prompt": "a fox", "music": "jazz"}', "unknown option 'music'"),
+    ("unknown.json", b'{"prompt": "a fox", "soundtrack": "jazz"}', "unknown option 'soundtrack'"),
     ("negative.json", b'{"prompt": "a fox", "duration": -3}', "option 'duration'"),
     ("huge.json", b'{"prompt": "a fox", "width": 99999, "height": 99999}', "option 'width'"),
     ("fast.json", b'{"prompt": "a fox", "fps": 5000}', "option 'fps'"),

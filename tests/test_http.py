@@ -278,7 +278,8 @@ def test_end_to_end_submit_poll_download_seek_and_cancel(tmp_path, redis_url, sp
 
     job = wait_for(finished, timeout=60, what="the job")
     assert job["status"] == "done", job
-    assert set(job["links"]["files"]) == {"video.mp4", "report.json", "report.html"}
+    assert set(job["links"]["files"]) == {"video.mp4", "report.json", "report.html",
+                                          "subtitles.srt", "subtitles.vtt"}
     assert job["timings"]["total"] > 0
 
     video_link = job["links"]["files"]["video.mp4"]
@@ -322,3 +323,28 @@ def _up(base: str) -> bool:
     except OSError:
         return False
     return True
+
+
+async def test_multipart_upload_of_a_burst_for_a_media_kind(client):
+    import cv2
+    import numpy as np
+
+    form = aiohttp.FormData()
+    form.add_field("kind", "long_exposure")
+    form.add_field("options", json.dumps({"mode": "foreground_blur"}))
+    for i in range(3):
+        frame = np.full((24, 32, 3), 40 * i, np.uint8)
+        form.add_field("file", cv2.imencode(".png", frame)[1].tobytes(),
+                       filename=f"../../burst {i}.png", content_type="image/png")
+    response = await client.post("/jobs", data=form, headers=ALICE)
+    assert response.status == 202, await response.text()
+    job = await response.json()
+    inputs = client.api.config.jobs_dir / job["id"] / "inputs"
+    assert sorted(p.name for p in inputs.iterdir()) == ["burst_0.png", "burst_1.png",
+                                                          "burst_2.png"]
+    spec = json.loads((client.api.config.jobs_dir / job["id"] / "spec.json").read_text())
+    assert spec["kind"] == "long_exposure" and len(spec["inputs"]) == 3
+    # A media kind without its media is refused before anything is queued.
+    error = await error_of(await client.post("/jobs", json={"kind": "long_exposure"},
+                                             headers=ALICE), 422)
+    assert "needs an input file" in error["message"]

@@ -234,3 +234,49 @@ def test_a_job_over_its_timeout_fails_with_that_reason(tmp_path, redis_url, spaw
     error = inbox / "failed" / "slow.error.txt"
     wait_for(error.exists, timeout=60, what="the timeout notice")
     assert "longer than the worker's job_timeout (2 s)" in error.read_text()
+
+
+def test_media_kinds_through_their_own_folders(tmp_path, redis_url, spawn):
+    import sys
+    import zipfile
+
+    import cv2
+
+    from tests.synthetic import render
+
+    research = Path(__file__).parent / "fixtures" / "research_ok.py"
+    config_file = write_config(
+        tmp_path, redis_url,
+        **{"intake.folder": 'path = "inbox"\nsettle = "0.5s"\n'
+                            '[[intake.folder]]\npath = "exposures"\nkind = "long_exposure"\n'
+                            'max_file_mb = 50\nsettle = "0.5s"\n'
+                            '[[intake.folder]]\npath = "relight"\nkind = "relight"\n'
+                            'settle = "0.5s"',
+           "pipelines.relight": f'type = "command"\ninputs = ["video"]\n'
+                                f'command = ["{sys.executable}", "{research}", "--in", '
+                                f'"{{input}}", "--out", "{{outdir}}"]\n'
+                                'outputs = ["result.bin", "metrics.json"]'})
+    spawn("daemon")
+    spawn("worker")
+    exposures = config_file.parent / "exposures"
+    relight = config_file.parent / "relight"
+    wait_for(lambda: exposures.exists() and relight.exists(), what="the folders")
+    burst = tmp_path / "burst.zip"
+    with zipfile.ZipFile(burst, "w") as archive:
+        for i, frame in enumerate(render(160, 96, step=8, sparse_frames=5).frames):
+            archive.writestr(f"IMG_{i}.png",
+                             cv2.imencode(".png", (frame[..., ::-1] * 255).astype("uint8"))[1])
+    (exposures / ".night.zip.part").write_bytes(burst.read_bytes())
+    (exposures / ".night.zip.part").rename(exposures / "night.zip")
+    drop(relight, "take1.mp4", b"not really a video, but the research CLI does not care")
+    wait_for(lambda: (exposures / "done" / "night.zip").exists(), timeout=60, what="exposure")
+    assert cv2.imread(str(exposures / "done" / "night.png")) is not None
+    report = json.loads((exposures / "done" / "night.report.json").read_text())
+    assert report["kind"] == "long_exposure" and report["frames_used"] >= 2
+    wait_for(lambda: (relight / "done" / "take1.mp4").exists(), timeout=60, what="relight")
+    assert (relight / "done" / "take1.bin").exists()
+    assert json.loads((relight / "done" / "take1.metrics.json").read_text())["psnr"] == 31.5
+    drop(exposures, "notes.txt", b"a long exposure needs pictures")
+    error = exposures / "failed" / "notes.error.txt"
+    wait_for(error.exists, what="the refusal")
+    assert "a long_exposure job needs an input file (.mp4" in error.read_text()

@@ -1,5 +1,6 @@
-"""The ``video`` job end to end, in-process: storyboard, animatic clips, stitched MP4,
-report, reuse of finished clips, cancellation. Small frames keep it fast."""
+"""The ``video`` job end to end, in-process: storyboard, animatic clips, the finished
+MP4 from post-production, report, reuse of finished clips, cancellation. Small frames
+keep it fast. Post-production's own steps are tested in tests/test_post_*.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 from daemon.config import Config, StateConfig, VideoConfig
 from daemon.jobs import JobError, JobSpec, JobStatus, Source
 from workers import fonts, gpu
-from workers.pipelines import animatic, encode, report
-from workers.pipelines.storyboard import Storyboard
+from workers.pipelines import report
+from workers.pipelines.overlays import wrap
 from workers.runner import Cancellation, run_job_sync
 
 WIDTH, HEIGHT, FPS = 256, 144, 8
@@ -104,12 +105,13 @@ def test_camera_moves_every_frame(finished) -> None:
 def test_progress_goes_through_the_stages_in_order(finished) -> None:
     _, progress = finished
     stages = [stage for stage, _, _ in progress]
-    assert stages[0] == "plan" and stages[-1] == "encode"
-    assert stages == sorted(stages, key=["plan", "render", "encode"].index)
+    assert stages[0] == "plan" and stages[-1] == "post"
+    assert stages == sorted(stages, key=["plan", "render", "post"].index)
     percents = [percent for _, percent, _ in progress]
     assert percents == sorted(percents) and percents[-1] == 100
     render = [(percent, message) for stage, percent, message in progress if stage == "render"]
-    assert all(5 <= percent <= 90 for percent, _ in render)
+    assert all(5 <= percent <= 85 for percent, _ in render)
+    assert all(85 <= percent <= 100 for stage, percent, _ in progress if stage == "post")
     assert {message for _, message in render} == {"scene 1 of 3", "scene 2 of 3", "scene 3 of 3"}
 
 
@@ -125,17 +127,32 @@ def test_report_json_describes_the_job(finished) -> None:
     assert [s["description"] for s in board["scenes"]] == [s["description"] for s in SCENES]
     assert [s["camera"] for s in board["scenes"]] == ["wide shot", "medium shot", "close up"]
     assert [s["duration_s"] for s in board["scenes"]] == [3.0, 3.0, 3.0]
-    assert set(data["timings"]) == {"queue_wait", "plan", "render", "encode", "total"}
+    assert [s["prompt"] for s in board["scenes"]] == [s["description"] for s in SCENES]
+    assert [s["start_s"] for s in board["scenes"]] == [0.0, 3.0, 6.0]
+    assert set(data["timings"]) == {"queue_wait", "plan", "render", "post", "total"}
     assert data["timings"]["queue_wait"] is None
     assert data["timings"]["total"] >= data["timings"]["render"] > 0
+    assert data["timings"]["post"] > 0
     assert data["device"] == "cpu"
     assert data["output"] == {
         "path": str((job_dir / "video.mp4").resolve()), "duration_s": 9.0, "frames": FRAMES,
         "width": WIDTH, "height": HEIGHT, "fps": FPS, "codec": "h264", "pix_fmt": "yuv420p",
         "size_bytes": (job_dir / "video.mp4").stat().st_size,
+        "streams": ["video: h264", "audio: aac", "subtitle: mov_text"], "fitted_kbps": None,
     }
+    # Enough to make it again: every setting as resolved, config defaults included.
+    assert data["settings"]["video"] == {"backend": "animatic", "width": WIDTH,
+                                         "height": HEIGHT, "fps": FPS, "scene_seconds": 5.0,
+                                         "crf": 20}
+    post = data["settings"]["post"]
+    assert post["transition"] == "crossfade" and post["subtitles"] == "burn"
+    assert post["look_values"]["contrast"] == 1.0
+    assert [c["text"] for c in data["subtitles"]["cues"]] == [
+        SCENES[0]["description"], "Listen.", SCENES[2]["description"]]
+    assert data["subtitles"]["files"] == ["subtitles.srt", "subtitles.vtt"]
+    assert data["music"] is None
     assert data["font"].endswith("NotoSansCJKtc-Regular.otf")
-    assert data["warnings"] == []
+    assert data["warnings"] == [] and data["degradations"] == []
     assert data["version"]
 
 
@@ -146,6 +163,8 @@ def test_report_html_is_self_contained(finished) -> None:
     assert "The keeper&#x27;s eyes, tired but calm." in page
     assert "Listen." in page and "close up" in page
     assert page.count('<img src="data:image/jpeg;base64,') == 3
+    assert "<svg" in page and "render" in page  # the stage-timing bar
+    assert "<track" not in page  # the subtitles are in the picture: no second copy
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
 
@@ -179,49 +198,14 @@ def test_no_scratch_files_are_left_behind(finished) -> None:
 # --- text ----------------------------------------------------------------------------------
 
 
-def test_cjk_caption_is_really_drawn(tmp_path) -> None:
-    config = make_config(tmp_path)
-    spec = JobSpec(id="zh", kind="video", prompt=FOX_ZH, options={"duration": 9},
-                   source=Source(channel="cli"))
-    outcome = run_job_sync(spec, config)
-    assert outcome.status == JobStatus.done, outcome.error
-    job_dir = config.jobs_dir / "zh"
-    board = Storyboard.model_validate_json((job_dir / "storyboard.json").read_text("utf-8"))
-    assert [s.description for s in board.scenes] == ["一只红狐狸在雪地里奔跑。", "夕阳西下，",
-                                                     "它回头看向镜头。"]
-    font, warnings = fonts.find_font(board.text())
-    assert warnings == []
-    assert json.loads((job_dir / "report.json").read_text("utf-8"))["warnings"] == []
-
-    _, frames = decode(job_dir / "video.mp4")
-    scene = board.scenes[1]
-    index = 10
-    shown = frames[board.scenes[0].frames + index].astype(int)
-    fmt = encode.VideoFormat(WIDTH, HEIGHT, FPS, config.video.crf)
-    renderer = animatic.SceneRenderer(board, scene, fmt, font)
-    box = renderer.caption
-    rows = slice(box.top, box.top + box.premultiplied.shape[0])
-    cols = slice(box.left, box.left + box.premultiplied.shape[1])
-    with_text = renderer.frame(index).astype(int)
-    renderer.caption = animatic.caption_overlay("", None, fmt, font)
-    without_text = renderer.frame(index).astype(int)
-
-    def difference(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a[rows, cols] - b[rows, cols]).mean())
-
-    # The video's caption box matches the render with text, far from the one without.
-    assert difference(shown, with_text) < 6  # compression noise around small glyphs
-    assert difference(shown, without_text) > 5 * difference(shown, with_text)
-
-
 def test_wrapping_breaks_cjk_between_characters_and_shortens() -> None:
     font = fonts.load_font(fonts.find_font(FOX_ZH)[0], 16)
-    lines = animatic.wrap(FOX_ZH * 2, font, 120, max_lines=3)
+    lines = wrap(FOX_ZH * 2, font, 120, max_lines=3)
     assert len(lines) == 3 and lines[-1].endswith("…")
     assert all(font.getlength(line) <= 120 for line in lines)
     assert not any(line.startswith(("，", "。")) for line in lines)
     words = "a few words that will need wrapping"
-    lines = animatic.wrap(words, font, 100, max_lines=5)
+    lines = wrap(words, font, 100, max_lines=5)
     assert len(lines) > 1 and " ".join(lines) == words  # breaks only between words
     assert all(font.getlength(line) <= 100 for line in lines)
 
@@ -236,7 +220,9 @@ def test_font_without_cjk_gives_a_warning() -> None:
     if dejavu is None:
         pytest.skip("DejaVu Sans is not installed here")
     assert fonts.find_font("A fox.", dejavu) == (dejavu, [])
-    assert fonts.find_font(FOX_ZH, dejavu) == (dejavu, [fonts.NO_CJK_FONT])
+    font, [warning] = fonts.find_font(FOX_ZH, dejavu)
+    assert font == dejavu
+    assert "DejaVuSans.ttf cannot draw 一只红狐狸在…" in warning and "fonts-noto-cjk" in warning
 
 
 def test_device_name_without_torch(monkeypatch) -> None:
@@ -283,10 +269,21 @@ def test_changed_settings_render_new_clips_and_drop_old_ones(tmp_path) -> None:
     run_job_sync(make_spec(), config)
     job_dir = config.jobs_dir / "job1"
     before = clip_mtimes(job_dir)
-    config.video.crf = 30
+    config.video.width = WIDTH + 64
     assert run_job_sync(make_spec(), config).status == JobStatus.done
     after = clip_mtimes(job_dir)
     assert len(after) == 3 and not set(after) & set(before)
+
+
+def test_changed_post_settings_reuse_every_clip(tmp_path) -> None:
+    config = make_config(tmp_path)
+    run_job_sync(make_spec(), config)
+    job_dir = config.jobs_dir / "job1"
+    before = clip_mtimes(job_dir)
+    config.video.crf = 30  # the finished video's quality: post alone redoes it
+    config.post.transition = "fade"
+    assert run_job_sync(make_spec(), config).status == JobStatus.done
+    assert clip_mtimes(job_dir) == before
 
 
 def test_cancel_during_render_stops_the_job_and_a_rerun_resumes(tmp_path) -> None:

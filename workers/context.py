@@ -29,6 +29,7 @@ class JobResult:
 
     primary: str  # the artifact the user asked for (video, image, text)
     reports: list[str] = field(default_factory=lambda: ["report.json", "report.html"])
+    extras: list[str] = field(default_factory=list)  # more results, delivered beside it
 
 
 @dataclass

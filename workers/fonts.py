@@ -1,9 +1,11 @@
-"""Find a font that can draw a caption, CJK included, on a machine with no fonts set up.
+"""Find a font that can draw a video's text (subtitles, titles), on a machine with no
+fonts set up, whatever the script.
 
 Order: ``[video] font`` from the config, the Noto Sans CJK that ships as a Python
-dependency, fontconfig's choice, DejaVu Sans, and last PIL's built-in font. The first
-candidate that covers the text wins; if none does, the first one found is used and
-the caller gets a warning to pass on to the user.
+dependency, a font fontconfig finds for the text's characters, DejaVu Sans, and last
+PIL's built-in font. The first candidate that covers the text wins. If none does, the
+first one found is used for what it can draw, and the caller gets a warning: text the
+font cannot draw is left out of the picture rather than drawn as empty boxes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from daemon.jobs import JobError
 
 # Characters of scripts written without spaces between words (Chinese, Japanese,
-# Korean), their punctuation and full-width forms: they wrap per character, and most
-# Latin fonts cannot draw them.
+# Korean), their punctuation and full-width forms: they wrap per character.
 CJK = re.compile(
     "[\u2e80-\u2fdf\u3000-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
     "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef]"
@@ -34,10 +35,7 @@ DEJAVU_PATHS = (
     Path("/usr/share/fonts/dejavu/DejaVuSans.ttf"),
     Path("/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf"),
 )
-NO_CJK_FONT = (
-    "no font covering CJK text was found; captions may show empty boxes — "
-    "install fonts-noto-cjk or set [video] font"
-)
+SAMPLE_SIZE = 24  # distinct characters checked per text: enough to tell a script apart
 # A private-use code point no font maps: it draws the font's "missing glyph" shape.
 _UNMAPPED = "\U0010fffd"
 
@@ -54,20 +52,17 @@ def find_font(text: str, configured: Path | None = None) -> tuple[Path | None, l
                 f"[video] font = {str(configured)!r} does not exist; fix the path in the "
                 "config or remove the key to use the bundled Noto Sans CJK"
             )
-        warnings = [] if covers(configured, text) else [NO_CJK_FONT]
-        return configured, warnings
+        return configured, _coverage_warnings(configured, text)
 
     found = list(dict.fromkeys(_candidates(text)))  # in order, without duplicates
     for path in found:
         if covers(path, text):
             return path, []
     if found:
-        return found[0], [NO_CJK_FONT]
-    warnings = ["no TrueType font was found; captions use PIL's small built-in font — "
+        return found[0], _coverage_warnings(found[0], text)
+    warnings = ["no TrueType font was found; text uses PIL's small built-in font — "
                 "install fonts-dejavu or set [video] font"]
-    if has_cjk(text):
-        warnings.append(NO_CJK_FONT)
-    return None, warnings
+    return None, warnings + _coverage_warnings(None, text)
 
 
 def load_font(path: Path | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -76,14 +71,39 @@ def load_font(path: Path | None, size: int) -> ImageFont.FreeTypeFont | ImageFon
     return ImageFont.truetype(str(path), size)
 
 
-def covers(path: Path, text: str) -> bool:
-    """Whether the font draws every CJK character of ``text`` (checks up to 24 of them)."""
-    sample = list(dict.fromkeys(ch for ch in text if CJK.match(ch) and ch.isalnum()))[:24]
+def covers(path: Path | None, text: str) -> bool:
+    """Whether the font draws every letter of ``text`` beyond ASCII (checks a sample)."""
+    return not missing_characters(path, text)
+
+
+def missing_characters(path: Path | None, text: str) -> list[str]:
+    """The sampled characters of ``text`` that the font has no glyph for."""
+    sample = _sample(text)
     if not sample:
-        return True
+        return []
+    if path is None:  # PIL's built-in font draws ASCII only
+        return sample
     font = ImageFont.truetype(str(path), 24)
     missing = _glyph_pixels(font, _UNMAPPED)
-    return all(_glyph_pixels(font, ch) != missing for ch in sample)
+    return [ch for ch in sample if _glyph_pixels(font, ch) == missing]
+
+
+def _coverage_warnings(path: Path | None, text: str) -> list[str]:
+    missing = missing_characters(path, text)
+    if not missing:
+        return []
+    shown = "".join(missing[:6]) + ("…" if len(missing) > 6 else "")
+    hint = "fonts-noto-cjk" if any(CJK.match(ch) for ch in missing) else "fonts-noto"
+    name = path.name if path else "PIL's built-in font"
+    return [f"{name} cannot draw {shown}: that text is left out of the picture (subtitles "
+            f"still play from the video's subtitle track and the .srt/.vtt files); install "
+            f"{hint} or set [video] font to a font that covers it"]
+
+
+def _sample(text: str) -> list[str]:
+    # ASCII is in every font; what differs between fonts is the rest.
+    letters = (ch for ch in text if ch.isalnum() and not ch.isascii())
+    return list(dict.fromkeys(letters))[:SAMPLE_SIZE]
 
 
 def _glyph_pixels(font: ImageFont.FreeTypeFont, char: str) -> bytes:
@@ -113,10 +133,12 @@ def _bundled_font() -> Path | None:
 
 
 def _fontconfig_match(text: str) -> Path | None:
+    """fontconfig's best sans-serif for the text's characters (it may not cover all)."""
     fc_match = shutil.which("fc-match")
     if fc_match is None:
         return None
-    pattern = "sans-serif:lang=zh" if has_cjk(text) else "sans-serif"
+    charset = " ".join(f"{ord(ch):x}" for ch in _sample(text))
+    pattern = f"sans-serif:charset={charset}" if charset else "sans-serif"
     try:
         result = subprocess.run([fc_match, "--format=%{file}", pattern],
                                 capture_output=True, text=True, timeout=10, check=False)

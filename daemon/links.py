@@ -1,0 +1,52 @@
+"""Signed links to a job's files: they work without a token (a browser can play the
+video, a chat message can link it), and only for the file and the time they name.
+Shared by the HTTP API, which serves them, and the chat bot, which sends them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from daemon import files
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def link_key(state_dir: Path) -> bytes:
+    """The signing key, created on first use and kept in the state folder (mode 600)."""
+    path = state_dir / "http-link.key"
+    if not path.exists():
+        files.write_bytes(path, secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def sign(key: bytes, job_id: str, name: str, expires: int) -> str:
+    message = f"{job_id}\0{name}\0{expires}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+
+
+def file_link(key: bytes, job_id: str, name: str, ttl_s: float, base: str = "") -> str:
+    """``{base}/jobs/{id}/files/{name}?expires=…&sig=…``, valid for ``ttl_s``."""
+    expires = int(time.time() + ttl_s)
+    return (f"{base.rstrip('/')}/jobs/{job_id}/files/{quote(name)}?expires={expires}"
+            f"&sig={sign(key, job_id, name, expires)}")
+
+
+def verify(key: bytes, job_id: str, name: str, expires: str, signature: str) -> bool:
+    if not signature or not expires.isdigit() or int(expires) < time.time():
+        return False
+    return hmac.compare_digest(signature, sign(key, job_id, name, int(expires)))
+
+
+def safe_filename(name: str) -> str:
+    """A sender's file name reduced to something safe to put in a job folder: no
+    folders, no leading dots, letters, digits, '.', '_' and '-' only."""
+    name = unquote(name)  # some clients percent-encode file names in form data
+    base = _SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip("._")
+    return base[-100:] or "upload"

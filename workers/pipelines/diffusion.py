@@ -1,0 +1,627 @@
+"""The ``diffusers`` render backend: one scene of a storyboard from a local video model.
+
+``render_scene`` turns one scene into RGB frames at the job's size and frame rate and
+hands them, in order, to a frame sink (the lead's clip writer). On the way:
+
+- The model is a local diffusers folder; its family comes from ``_class_name`` in
+  ``model_index.json``: ``WanPipeline`` (Wan 2.1 / 2.2), ``LTXPipeline`` (LTX-Video)
+  or ``CogVideoXPipeline``. Each family has its own rules, read from the loaded
+  pipeline's configs (``family_rules``): frame counts ``step·k + 1`` (the VAE's
+  temporal compression: 4 for Wan and CogVideoX, 8 for LTX; CogVideoX 1.5 pads its
+  latent frames itself), sizes a multiple of the VAE's spatial compression times the
+  patch size (16 for Wan 2.1 and CogVideoX, 32 for LTX and Wan 2.2 5B), its native
+  frame rate and the most frames one generation takes.
+- Duration → frames: the scene's length is generated at the model's native rate, in
+  several generations of at most ``max_frames`` when it is longer, joined in order.
+  Then it is resampled to the job's rate by taking, for each output frame, the
+  generated frame nearest in time (frames are dropped or repeated, never blended, so
+  nothing ghosts), and resized to the job's size when the model needed another.
+- Continuity: with an image-to-video pipeline a generation continues from a frame:
+  the previous scene's last frame starts the next scene, and a long scene's later
+  generations start from the one before (the repeated first frame is dropped). The
+  image-to-video pipeline is the text-to-video weights themselves where they can do
+  it (``LTXImageToVideoPipeline``; ``WanImageToVideoPipeline`` for Wan 2.2 TI2V), or a
+  separate model (``i2v_model_dir``, e.g. Wan2.1-I2V-14B). Without one, scenes and
+  generations start afresh.
+- The GPU: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (the Wan
+  VAE always in fp32, as its authors advise); the memory ladder and model residency
+  of ``workers.gpu``; an out-of-memory error steps one rung down and generates that
+  part again, and the report lists every step down.
+- Progress and cancel: the pipeline's ``callback_on_step_end`` reports scene i/n, step
+  j/m and an ETA to ``on_progress``; an exception raised there (a cancel) leaves the
+  denoising loop at once, the pipeline's hooks are reset, and it propagates.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from daemon.jobs import JobError
+from workers import gpu
+from workers.models import ModelError
+
+# Weights are only ever read from local folders; no library may try the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROLE = "video"
+CONTINUITY_ROLE = "video-continuity"  # a separate image-to-video model
+FrameSink = Callable[[np.ndarray], None]
+
+TEXT_TO_VIDEO = ("WanPipeline", "LTXPipeline", "CogVideoXPipeline")
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline",
+                  "CogVideoXImageToVideoPipeline")
+DEFAULT_NEGATIVE_PROMPT = ("blurry, low quality, worst quality, distorted, deformed, "
+                           "watermark, text, jittery, static")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """``[video]`` with ``backend = "diffusers"``, models resolved to their folders."""
+
+    model_dir: Path
+    steps: int | None = None  # denoising steps; None: the family's default
+    guidance_scale: float | None = None  # None: the family's default
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    continuity: bool = True  # start each scene from the previous scene's last frame
+    i2v_model_dir: Path | None = None  # an image-to-video model for continuity
+    max_frames: int | None = None  # per generation; None: the family's
+    device: str | None = None  # None: the GPU if there is one
+    rung: gpu.Rung | None = None  # force a rung of the ladder (benchmarks)
+    gpu: gpu.GpuSettings = gpu.GpuSettings()
+
+
+@dataclass(frozen=True)
+class SceneRequest:
+    """One scene, at the job's size and rate."""
+
+    number: int  # from 1
+    scenes: int  # in the whole job
+    prompt: str  # what the video model is asked for (llm_storyboard.video_prompt)
+    frames: int  # at the job's rate
+    fps: int
+    width: int
+    height: int
+    seed: int  # the job's: every scene of a job shares it
+    first_frame: np.ndarray | None = None  # the previous scene's last frame, for continuity
+    frames_after: int = 0  # frames of the scenes still to come, for the ETA
+
+
+@dataclass(frozen=True)
+class RenderProgress:
+    scene: int
+    scenes: int
+    step: int  # steps done in this scene, all generations together
+    steps: int
+    generation: int  # from 1
+    generations: int
+    fraction: float  # of this scene's denoising
+    eta_s: float | None  # until the last scene is done, if later scenes cost the same per frame
+
+    def message(self) -> str:
+        eta = f" · about {_duration(self.eta_s)} left" if self.eta_s is not None else ""
+        return f"scene {self.scene}/{self.scenes} · step {self.step}/{self.steps}{eta}"
+
+
+ProgressCallback = Callable[[RenderProgress], None]
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    frame_step: int  # a generation has frame_step·k + 1 frames
+    size_multiple: int
+    native_fps: int
+    max_frames: int
+    steps: int
+    guidance_scale: float
+    extra: dict[str, Any] = field(default_factory=dict)  # the family's own call arguments
+
+
+@dataclass
+class SceneResult:
+    prompt: str
+    frames: int  # handed to the sink
+    last_frame: np.ndarray  # the scene's last frame, for the next scene's continuity
+    pipeline: str
+    rung: str
+    dtype: str
+    device: str
+    generated_size: tuple[int, int]  # (width, height) the model made
+    native_fps: int
+    generations: list[int]  # frames per generation
+    continuity: str  # how the scene began
+    load_s: float
+    denoise_s: float
+    other_s: float  # text encoding, VAE decoding, resampling, the sink
+    reused_model: bool
+    step_downs: list[gpu.StepDown] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.denoise_s + self.other_s
+
+    def report(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        del data["last_frame"]
+        data["step_downs"] = [dataclasses.asdict(s) for s in self.step_downs]
+        return data
+
+
+def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: FrameSink,
+                 on_progress: ProgressCallback | None = None) -> SceneResult:
+    """Render one scene into ``sink``: ``request.frames`` RGB uint8 frames of
+    ``request.height × request.width × 3``, in order.
+
+    ``on_progress`` is called after every denoising step; an exception raised in it
+    (a cancel) stops the scene there and comes out of here, with the model still
+    resident and usable. A model that cannot be used raises ``ModelError``; a scene
+    that does not fit in VRAM even on the lowest rung, ``gpu.GpuOutOfMemory``.
+    """
+    started = time.monotonic()
+    device = gpu.pick_device(settings.device)
+    dtype = gpu.pick_dtype(device)
+    run = _SceneRun(request, settings, device, dtype, on_progress)
+    produced = 0
+    for index in range(len(run.plan)):
+        native = run.generate(index)
+        for frame in run.resampled(native):
+            sink(frame)
+            produced += 1
+    if produced != request.frames:  # a bug, never the user's doing: say so loudly
+        raise RuntimeError(f"scene {request.number}: made {produced} frames, not "
+                           f"{request.frames}")
+    elapsed = time.monotonic() - started
+    return SceneResult(
+        prompt=request.prompt, frames=produced, last_frame=run.last_output,
+        pipeline=run.pipeline_name, rung=str(run.rung), dtype=str(dtype).removeprefix("torch."),
+        device=str(device), generated_size=run.size, native_fps=run.rules.native_fps,
+        generations=list(run.plan), continuity=run.continuity, load_s=run.load_s,
+        denoise_s=run.denoise_s, other_s=max(0.0, elapsed - run.load_s - run.denoise_s),
+        reused_model=run.reused, step_downs=run.step_downs,
+    )
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def valid_frames_at_least(count: int, step: int) -> int:
+    """The smallest ``step·k + 1`` (k ≥ 1) that is at least ``count``."""
+    return step * max(1, math.ceil((count - 1) / step)) + 1
+
+
+def valid_frames_at_most(count: int, step: int) -> int:
+    """The largest ``step·k + 1`` (k ≥ 1) that is at most ``count``."""
+    return step * max(1, (count - 1) // step) + 1
+
+
+def native_frames_needed(frames: int, fps: int, native_fps: int) -> int:
+    """Native frames covering ``frames`` output frames: up to the one nearest in time to
+    the last output frame."""
+    return round((frames - 1) * native_fps / fps) + 1
+
+
+def plan_generations(needed: int, max_frames: int, step: int, first_conditioned: bool,
+                     chained: bool) -> list[int]:
+    """Frame counts of the generations that make ``needed`` new frames between them,
+    each valid for the family and at most ``max_frames``, as equal as they can be.
+
+    A generation that starts from a given frame (``first_conditioned`` for the first,
+    ``chained`` for the rest) repeats that frame first, so it brings one frame less.
+    """
+    largest = valid_frames_at_most(max_frames, step)
+    first_gain = largest - first_conditioned
+    later_gain = largest - chained
+    count = 1 + max(0, math.ceil((needed - first_gain) / later_gain))
+    plan, remaining = [], needed
+    for index in range(count):
+        conditioned = first_conditioned if index == 0 else chained
+        share = math.ceil(remaining / (count - index))
+        frames = min(largest, valid_frames_at_least(share + conditioned, step))
+        plan.append(frames)
+        remaining -= frames - conditioned
+    return plan
+
+
+def generation_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The size nearest to ``width × height`` that the model accepts (halves round up)."""
+    return (max(multiple, math.floor(width / multiple + 0.5) * multiple),
+            max(multiple, math.floor(height / multiple + 0.5) * multiple))
+
+
+# --- families ---------------------------------------------------------------------------------
+
+
+def model_index(model_dir: Path) -> dict[str, Any]:
+    """A diffusers folder's ``model_index.json``: the pipeline class and its config."""
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"{model_dir} is not a diffusers model folder (no model_index.json); "
+                         "the diffusers backend needs one, e.g. Wan2.1-T2V-1.3B-Diffusers")
+    return json.loads(index.read_text(encoding="utf-8"))
+
+
+def family_rules(pipe: Any) -> FamilyRules:
+    """How the family of ``pipe`` is driven, from its own configs. Sizes are a multiple
+    of both what the pipeline's ``check_inputs`` demands and what its VAE and patches
+    divide evenly."""
+    name = type(pipe).__name__
+    transformer = pipe.transformer or getattr(pipe, "transformer_2", None)
+    if name.startswith("Wan"):
+        # Wan 2.2 TI2V 5B expands timesteps per token; it runs at 24 fps for 121 frames,
+        # Wan 2.1 and 2.2 A14B at 16 fps for 81.
+        fast = bool(pipe.config.get("expand_timesteps", False))
+        return FamilyRules(
+            frame_step=pipe.vae_scale_factor_temporal,
+            size_multiple=math.lcm(16, pipe.vae_scale_factor_spatial
+                                   * transformer.config.patch_size[1]),
+            native_fps=24 if fast else 16, max_frames=121 if fast else 81, steps=50,
+            guidance_scale=5.0)
+    if name.startswith("LTX"):
+        # LTX-Video 0.9.1+ decodes with timestep conditioning, and wants a little noise.
+        decode = {"decode_timestep": 0.03, "decode_noise_scale": 0.025} \
+            if pipe.vae.config.get("timestep_conditioning") else {}
+        return FamilyRules(
+            frame_step=pipe.vae_temporal_compression_ratio,
+            size_multiple=math.lcm(32, pipe.vae_spatial_compression_ratio
+                                   * transformer.config.patch_size),
+            native_fps=24, max_frames=161, steps=50, guidance_scale=3.0,
+            extra={"frame_rate": 24, **decode})
+    if name.startswith("CogVideoX"):
+        # CogVideoX 1.5 (temporal patches) runs at 16 fps, 2b and 5b at 8. The text
+        # length is part of the transformer's positions, so it must be passed.
+        version_1_5 = transformer.config.patch_size_t is not None
+        return FamilyRules(
+            frame_step=pipe.vae_scale_factor_temporal,
+            size_multiple=math.lcm(8, pipe.vae_scale_factor_spatial
+                                   * transformer.config.patch_size),
+            native_fps=16 if version_1_5 else 8, max_frames=transformer.config.sample_frames,
+            steps=50, guidance_scale=6.0,
+            extra={"max_sequence_length": transformer.config.max_text_seq_length})
+    raise ModelError(f"no rules for {name}")
+
+
+def same_weights_image_to_video(index: dict[str, Any]) -> str | None:
+    """The image-to-video pipeline that runs on these text-to-video weights, if any."""
+    name = index.get("_class_name")
+    if name == "LTXPipeline":
+        return "LTXImageToVideoPipeline"
+    if name == "WanPipeline" and index.get("expand_timesteps"):
+        return "WanImageToVideoPipeline"  # Wan 2.2 TI2V: one model for both
+    return None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _load(model_dir: Path, dtype: Any, device: Any, rung: gpu.Rung) -> Any:
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Progress bars are for terminals; the worker logs JSON lines.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    dtypes: Any = dtype
+    if model_index(model_dir)["_class_name"].startswith("Wan"):
+        dtypes = {"default": dtype, "vae": torch.float32}  # Wan's VAE decodes best in fp32
+    pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=dtypes, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    gpu.apply_rung(pipe, rung, device)
+    return pipe
+
+
+def _check_class(model_dir: Path, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The folder's model index, if its pipeline is one of ``allowed``."""
+    index = model_index(model_dir)
+    name = index.get("_class_name", "")
+    if name not in allowed:
+        raise ModelError(f"{model_dir.name} is a {name or 'pipeline of no known class'}; as "
+                         f"the {what} model the diffusers backend runs {', '.join(allowed)}")
+    return index
+
+
+def _check_requirements(class_name: str) -> None:
+    # diffusers' Wan image-to-video pipeline cleans prompts with ftfy without checking
+    # that it is installed, and would fail mid-job with a NameError.
+    if class_name == "WanImageToVideoPipeline" and importlib.util.find_spec("ftfy") is None:
+        raise ModelError("continuity with WanImageToVideoPipeline needs the ftfy package: "
+                         "pip install ftfy (or set [video] continuity = false)")
+
+
+def _compose(pipe: Any, class_name: str) -> Any:
+    """``class_name`` over the very modules of ``pipe``: no copy, no dtype change (unlike
+    ``from_pipe``, which casts everything to one dtype and would take Wan's VAE out of
+    fp32), and the offload hooks on the modules keep working."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in accepted}
+    config = {k: v for k, v in pipe.config.items() if k in accepted and k not in components}
+    composed = cls(**components, **config)
+    composed.set_progress_bar_config(disable=True)
+    return composed
+
+
+# --- one scene ------------------------------------------------------------------------------
+
+
+class _SceneRun:
+    """The state of one ``render_scene`` call: models, plan, timings, the frame cursor."""
+
+    def __init__(self, request: SceneRequest, settings: DiffusionSettings, device: Any,
+                 dtype: Any, on_progress: ProgressCallback | None):
+        self.request, self.settings = request, settings
+        self.device, self.dtype = device, dtype
+        self.on_progress = on_progress or (lambda progress: None)
+        self.load_s, self.denoise_s, self.reused = 0.0, 0.0, True
+        self.step_downs: list[gpu.StepDown] = []
+        self.last_output = np.zeros((request.height, request.width, 3), np.uint8)
+        self.done_steps = 0
+        self.step_times: list[float] = []  # seconds per step, this scene
+        # Taken when the pipeline calls back: on a GPU they lag its kernels by less than
+        # a step, which is fine for progress and costs no synchronisation.
+        self._call_started = 0.0
+        self._step_ends: list[float] = []
+        self._choose_models()
+        self.rules = family_rules(self.resident.model)
+        if settings.steps is not None:
+            self.rules = dataclasses.replace(self.rules, steps=settings.steps)
+        self.size = generation_size(request.width, request.height, self.rules.size_multiple)
+        self.needed = native_frames_needed(request.frames, request.fps, self.rules.native_fps)
+        max_frames = settings.max_frames or self.rules.max_frames
+        self.plan = plan_generations(self.needed, max_frames, self.rules.frame_step,
+                                     self.start_image is not None, self.chained)
+        self.native_done = 0  # native frames made so far (repeated start frames not counted)
+        self.next_output = 0
+        self.previous_native: np.ndarray | None = None
+
+    # -- which pipeline makes which generation
+
+    def _choose_models(self) -> None:
+        """Decide how the scene begins and how its generations chain, then load."""
+        settings, request = self.settings, self.request
+        index = _check_class(settings.model_dir, TEXT_TO_VIDEO, "text-to-video")
+        self.same_weights = same_weights_image_to_video(index)
+        separate = settings.i2v_model_dir
+        if separate is not None:
+            _check_requirements(_check_class(separate, IMAGE_TO_VIDEO,
+                                             "continuity (image-to-video)")["_class_name"])
+        if self.same_weights is not None:
+            _check_requirements(self.same_weights)
+        wants_start = settings.continuity and request.first_frame is not None
+        # A scene is made by one model, so one set of rules holds for all its frames: a
+        # scene that continues the last one with a separate model is all image-to-video;
+        # a fresh scene chains its generations only through its own weights.
+        self.uses_separate = wants_start and self.same_weights is None and separate is not None
+        self.chained = self.same_weights is not None or self.uses_separate
+        if wants_start and self.chained:
+            self.start_image = request.first_frame
+            self.continuity = "continues the previous scene's last frame"
+        else:
+            self.start_image = None
+            self.continuity = (
+                "starts afresh: continuity is off" if not settings.continuity else
+                "starts afresh: first scene" if request.first_frame is None else
+                f"starts afresh: {settings.model_dir.name} cannot continue from an image; "
+                "set an image-to-video model for continuity")
+        if self.uses_separate:
+            self.continuation = self._acquire(CONTINUITY_ROLE, separate)
+        else:
+            self.text_to_video = self._acquire(ROLE, settings.model_dir)
+
+    def _acquire(self, role: str, model_dir: Path, rung: gpu.Rung | None = None) -> gpu.Resident:
+        acquired = gpu.RESIDENT.acquire(
+            role, model_dir, dtype=self.dtype, device=self.device, settings=self.settings.gpu,
+            rung=rung or self.settings.rung,
+            load=lambda rung: _load(model_dir, self.dtype, self.device, rung))
+        self.load_s += acquired.load_s
+        self.reused = self.reused and acquired.reused
+        return acquired.resident
+
+    @property
+    def resident(self) -> gpu.Resident:
+        """The model that makes this scene."""
+        return self.continuation if self.uses_separate else self.text_to_video
+
+    def _conditioned(self, index: int) -> bool:
+        """Whether generation ``index`` starts from a given frame."""
+        return self.start_image is not None if index == 0 else self.chained
+
+    def _pipe(self, index: int) -> Any:
+        """The pipeline for generation ``index``."""
+        resident = self.resident
+        if not self._conditioned(index) or self.uses_separate:
+            return resident.model
+        if "image_to_video" not in resident.extras:
+            resident.extras["image_to_video"] = _compose(resident.model, self.same_weights)
+        return resident.extras["image_to_video"]
+
+    @property
+    def rung(self) -> gpu.Rung:
+        return self.resident.rung
+
+    @property
+    def pipeline_name(self) -> str:
+        return type(self._pipe(len(self.plan) - 1)).__name__
+
+    # -- generating
+
+    def generate(self, index: int) -> np.ndarray:
+        """Generation ``index`` as uint8 frames at the generation size, the repeated start
+        frame dropped; an out-of-memory error steps down the ladder and tries again."""
+        while True:
+            try:
+                frames = self._call(index)
+                break
+            except Exception as exc:
+                if not gpu.is_out_of_memory(exc):
+                    raise
+                error = gpu.one_line(exc)
+            # Out of the except block: the failed call's tensors are free to go.
+            self._step_down(error)
+        return frames[1:] if self._conditioned(index) else frames
+
+    def _step_down(self, error: str) -> None:
+        role = CONTINUITY_ROLE if self.uses_separate else ROLE
+        step = gpu.RESIDENT.step_down(role, error)
+        if step is None:
+            raise gpu.GpuOutOfMemory(
+                f"scene {self.request.number} does not fit in GPU memory even on the "
+                f"lowest rung ({self.size[0]}×{self.size[1]}, {max(self.plan)} frames per "
+                f"generation; {error}); ask for a smaller size or free the GPU of other "
+                "programs")
+        self.step_downs.append(step)
+        model_dir = self.settings.i2v_model_dir if self.uses_separate else self.settings.model_dir
+        # The rung below, even when the settings force one (a benchmark).
+        resident = self._acquire(role, model_dir, rung=step.to_rung)
+        if self.uses_separate:
+            self.continuation = resident
+        else:
+            self.text_to_video = resident
+
+    def _call(self, index: int) -> np.ndarray:
+        import torch
+
+        pipe = self._pipe(index)
+        owner = self.resident.model
+        self.done_steps = index * self.rules.steps  # a retry after a step down starts over
+        arguments = {
+            "prompt": self.request.prompt, "negative_prompt": self.settings.negative_prompt,
+            "width": self.size[0], "height": self.size[1], "num_frames": self.plan[index],
+            "num_inference_steps": self.rules.steps,
+            "guidance_scale": self.settings.guidance_scale or self.rules.guidance_scale,
+            # Chunks of a scene differ; scenes share the job's seed.
+            "generator": torch.Generator("cpu").manual_seed(self.request.seed + index),
+            "output_type": "pt", "callback_on_step_end": self._step_callback(index),
+            **self.rules.extra,
+        }
+        if self._conditioned(index):
+            arguments["image"] = self._start_image(index)
+        denoise_before = self.denoise_s
+        self._call_started = time.monotonic()
+        self._step_ends = []
+        try:
+            video = pipe(**arguments).frames[0]  # frames × channels × height × width, 0–1
+        except BaseException:
+            self.denoise_s = denoise_before
+            _reset_after_interrupt(pipe, owner)
+            raise
+        if pipe is not owner:  # the composed pipeline ran on the owner's offload hooks
+            owner.maybe_free_model_hooks()
+        self.denoise_s = denoise_before + self._denoise_time()
+        # To uint8 where the frames are: a quarter of the bytes to copy back from the GPU,
+        # and no pass over float frames on the CPU.
+        video = (video.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return video.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _start_image(self, index: int) -> Image.Image:
+        frame = self.start_image if index == 0 else self.previous_native
+        assert frame is not None
+        if frame.shape[1::-1] != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        return Image.fromarray(frame)
+
+    def _denoise_time(self) -> float:
+        """The steps' time: the span between the first and the last step callback, plus
+        one typical step for the first (whose start is lost in the text encoding)."""
+        ends = self._step_ends
+        if len(ends) < 2:
+            return 0.0
+        typical = statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False))
+        return ends[-1] - ends[0] + typical
+
+    def _step_callback(self, index: int) -> Callable[..., dict[str, Any]]:
+        total_steps = self.rules.steps * len(self.plan)
+
+        def on_step_end(pipe: Any, step: int, timestep: Any,
+                        tensors: dict[str, Any]) -> dict[str, Any]:
+            now = time.monotonic()
+            self._step_ends.append(now)
+            self.done_steps += 1
+            self.step_times.append(now - (self._step_ends[-2] if len(self._step_ends) > 1
+                                          else self._call_started))
+            self.on_progress(RenderProgress(
+                scene=self.request.number, scenes=self.request.scenes, step=self.done_steps,
+                steps=total_steps, generation=index + 1, generations=len(self.plan),
+                fraction=self.done_steps / total_steps, eta_s=self._eta(total_steps)))
+            return tensors
+
+        return on_step_end
+
+    def _eta(self, total_steps: int) -> float | None:
+        if len(self.step_times) < 2:
+            return None
+        step_s = statistics.median(self.step_times[-10:])
+        scene_left = (total_steps - self.done_steps) * step_s
+        scene_total = total_steps * step_s
+        return scene_left + scene_total * self.request.frames_after / self.request.frames
+
+    # -- frames out
+
+    def resampled(self, native: np.ndarray) -> Iterator[np.ndarray]:
+        """The job's frames that fall within ``native`` (the next native frames of the
+        scene), at the job's size: each output frame is the native frame nearest in time."""
+        self.previous_native = native[-1]
+        start = self.native_done
+        self.native_done += len(native)
+        request, ratio = self.request, self.rules.native_fps / self.request.fps
+        while self.next_output < request.frames:
+            source = min(round(self.next_output * ratio), self.needed - 1)
+            if source >= self.native_done:
+                return
+            frame = native[source - start]
+            if frame.shape[1::-1] != (request.width, request.height):
+                frame = cv2.resize(frame, (request.width, request.height),
+                                   interpolation=cv2.INTER_AREA)
+            self.last_output = frame
+            self.next_output += 1
+            yield frame
+
+
+def _reset_after_interrupt(pipe: Any, owner: Any) -> None:
+    """Leave the pipeline as a finished call would: offload hooks re-armed, stateful
+    caches reset, the interrupted call's tensors freed. A cancel or an out-of-memory
+    error left the denoising loop between or inside steps; the next call starts clean."""
+    for target in {id(pipe): pipe, id(owner): owner}.values():
+        target._interrupt = False
+        target._current_timestep = None
+        target.maybe_free_model_hooks()
+    gpu.empty_cache()
+
+
+def last_frame_of_clip(path: Path, width: int, height: int) -> np.ndarray:
+    """The last frame of a finished scene clip, for continuity when a restarted job
+    reuses clips it already has."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    next(reader)  # the metadata
+    last = collections.deque(reader, maxlen=1)
+    if not last:
+        raise JobError(f"{path.name} has no frames; delete it so the scene is rendered again")
+    return np.frombuffer(last[0], np.uint8).reshape(height, width, 3).copy()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

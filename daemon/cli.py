@@ -57,7 +57,8 @@ def _redis_url(config: Config) -> str:
 
 
 async def open_queue(config: Config) -> QueueClient:
-    return await QueueClient.open(_redis_url(config), config.worker.keep_results)
+    return await QueueClient.open(_redis_url(config), config.worker.keep_results,
+                                  config.queue.max_queued)
 
 
 def _print_where(config: Config) -> None:
@@ -88,7 +89,7 @@ def cmd_daemon(args: argparse.Namespace, config: Config) -> int:
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from workers.worker import create_worker
 
-    url, owned = ensure_redis(config.state_dir, config.redis.url)
+    url, owned = ensure_redis(config.state_dir, config.redis.url, config.redis.appendfsync)
     # Check reachability up front: a clear message instead of arq's retry traceback.
     asyncio.run(_ping(url))
     try:
@@ -165,6 +166,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                         console.print(f"{key:>13}: {state[key]}")
                 return 0
             console.print(f"queue length: {await queue.queue_length()}")
+            if paused := await queue.paused():
+                console.print(f"[yellow]paused[/] by {paused['by']}: "
+                              f"{paused['reason'] or 'no reason given'}")
             workers = await queue.workers()
             if not workers:
                 console.print("[yellow]no worker alive[/]: start one with `reelqueue worker`")
@@ -277,6 +281,33 @@ def cmd_digest(args: argparse.Namespace, config: Config) -> int:
     print(written["summary"])
     console.print(f"digest: [cyan]{written['html']}[/]")
     return 0
+
+
+def cmd_pause(args: argparse.Namespace, config: Config) -> int:
+    async def pause() -> int:
+        queue = await open_queue(config)
+        try:
+            await queue.pause(by=_user() or "cli", reason=args.reason)
+        finally:
+            await queue.close()
+        console.print("paused: workers finish their running job and take no new one; "
+                      "`reelqueue resume` lets them go on")
+        return 0
+
+    return asyncio.run(pause())
+
+
+def cmd_resume(args: argparse.Namespace, config: Config) -> int:
+    async def resume() -> int:
+        queue = await open_queue(config)
+        try:
+            was_paused = await queue.resume()
+        finally:
+            await queue.close()
+        console.print("resumed" if was_paused else "workers were not paused")
+        return 0
+
+    return asyncio.run(resume())
 
 
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
@@ -418,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "out_dir, else <state>/digests)")
     sub.add_parser("demo", help="start everything, run one example through the drop folder")
     sub.add_parser("models", help="list the models on disk and verify their checksums")
+    pause = sub.add_parser("pause", help="workers finish their job and take no new one")
+    pause.add_argument("--reason", default="", help="shown in status, /healthz and chat")
+    sub.add_parser("resume", help="let paused workers take jobs again")
     sub.add_parser("doctor", help="check this machine: config, packages, ffmpeg, Redis, GPU, "
                    "models, folders, disk, fonts")
     return parser
@@ -426,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"up": cmd_up, "daemon": cmd_daemon, "worker": cmd_worker, "submit": cmd_submit,
             "status": cmd_status, "jobs": cmd_jobs, "cancel": cmd_cancel, "run": cmd_run,
             "digest": cmd_digest, "demo": cmd_demo, "doctor": cmd_doctor,
-            "models": cmd_models}
+            "models": cmd_models, "pause": cmd_pause, "resume": cmd_resume}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,10 @@ class StateConfig(_Section):
 
 class RedisConfig(_Section):
     url: str = ""
+    # The embedded server's AOF fsync: "always" makes a job durable before it is
+    # acknowledged (a power cut loses no accepted job); "everysec" is faster and may
+    # lose the last second. An external server keeps its own setting.
+    appendfsync: Literal["always", "everysec"] = "always"
 
     @field_validator("url")
     @classmethod
@@ -159,6 +163,27 @@ class IntakeConfig(_Section):
     )
     http: HttpIntakeConfig = Field(default_factory=HttpIntakeConfig)
     chat: ChatIntakeConfig = Field(default_factory=ChatIntakeConfig)
+
+
+class QueueConfig(_Section):
+    # New jobs are refused ("queue full") beyond this many waiting; 0: no cap. The drop
+    # folder keeps such files in the inbox and tries again later.
+    max_queued: int = Field(default=10_000, ge=0)
+    # Jobs are held (not started) while the state or output folder has less free space.
+    min_free_gb: float = Field(default=2.0, ge=0)
+    # Regular expressions (case-insensitive); a prompt or storyboard text matching one
+    # fails its job with that reason.
+    blocklist: list[str] = Field(default_factory=list)
+
+    @field_validator("blocklist")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
 
 class WorkerConfig(_Section):
@@ -376,6 +401,7 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     storyboard: StoryboardConfig = Field(default_factory=StoryboardConfig)

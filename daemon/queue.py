@@ -8,6 +8,7 @@ Keys (all under ``reelqueue:``):
 - ``recent:by:<name>``  the same, per submitter (for a user's own listing)
 - ``events``            pub/sub channel: one JSON message per state change
 - ``workers``           set of worker names ever seen (their heartbeats say which live)
+- ``paused``            present while workers are paused: who paused them, why, when
 - ``worker:<name>``     JSON heartbeat of a live worker (expires when it dies)
 - ``running:<id>``      which worker runs a job (expires when that worker dies)
 - ``attempts:<id>``     how many times a job was started and not cleanly handed back
@@ -30,13 +31,14 @@ from arq.jobs import Job
 from arq.jobs import JobStatus as ArqJobStatus
 from redis.exceptions import RedisError
 
-from daemon.jobs import JobSpec, JobStatus
+from daemon.jobs import JobError, JobSpec, JobStatus
 
 PREFIX = "reelqueue:"
 QUEUE_NAME = default_queue_name
 RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
 WORKERS_KEY = PREFIX + "workers"
+PAUSED_KEY = PREFIX + "paused"
 DELIVERIES_KEY = PREFIX + "deliveries"
 DELIVERIES_ACTIVE_KEY = PREFIX + "deliveries:active"
 # An overnight backlog must never expire: arq's default is one day.
@@ -62,6 +64,10 @@ def worker_key(name: str) -> str:
 
 def recent_key(submitted_by: str | None = None) -> str:
     return RECENT_KEY if submitted_by is None else f"{RECENT_KEY}:by:{submitted_by}"
+
+
+class QueueFull(JobError):
+    """The queue holds ``[queue] max_queued`` jobs already: backpressure, try later."""
 
 
 class RedisUnavailable(Exception):
@@ -106,13 +112,16 @@ class EnqueueResult:
 class QueueClient:
     """Everything the daemon, CLI and worker need from Redis, in one place."""
 
-    def __init__(self, redis: ArqRedis, keep_results_s: float = 7 * 86400):
+    def __init__(self, redis: ArqRedis, keep_results_s: float = 7 * 86400,
+                 max_queued: int = 0):
         self.redis = redis
         self.keep_results_s = keep_results_s
+        self.max_queued = max_queued  # 0: no cap
 
     @classmethod
-    async def open(cls, url: str, keep_results_s: float = 7 * 86400) -> QueueClient:
-        return cls(await connect(url), keep_results_s)
+    async def open(cls, url: str, keep_results_s: float = 7 * 86400,
+                   max_queued: int = 0) -> QueueClient:
+        return cls(await connect(url), keep_results_s, max_queued)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -132,6 +141,11 @@ class QueueClient:
             # Finished (perhaps cancelled before it started, leaving no arq record):
             # a late duplicate of the request must not run it again.
             return EnqueueResult(spec.id, False, None)
+        if status is None and self.max_queued:
+            waiting = await self.queue_length()
+            if waiting >= self.max_queued:
+                raise QueueFull(f"the queue is full ({waiting} jobs waiting, the limit is "
+                                f"{self.max_queued}); try again later")
         if status is None:
             await self.redis.hset(key, mapping={
                 "id": spec.id,
@@ -284,6 +298,18 @@ class QueueClient:
                 beat["age_s"] = round(_now() - beat["ts"], 1)
                 beats.append(beat)
         return beats
+
+    async def pause(self, by: str, reason: str = "") -> None:
+        """Workers finish their running job and take no new one; the queue stays."""
+        await self.redis.set(PAUSED_KEY, json.dumps({"by": by, "reason": reason,
+                                                     "since": _now()}))
+
+    async def resume(self) -> bool:
+        return bool(await self.redis.delete(PAUSED_KEY))
+
+    async def paused(self) -> dict[str, Any] | None:
+        raw = await self.redis.get(PAUSED_KEY)
+        return json.loads(raw) if raw else None
 
     # --- deliveries ----------------------------------------------------------------------
 

@@ -49,8 +49,9 @@ def find_redis_server() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, appendfsync: str = "always"):
         self.dir = state_dir / "redis"
+        self.appendfsync = appendfsync
         socket = self.dir / "redis.sock"
         if len(str(socket)) > _MAX_SOCKET_PATH:
             # Deep state folders overflow the socket path limit; the data stays in place.
@@ -73,6 +74,8 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 15.0) -> bool:
         """Make sure the server runs. Returns True if this call started it."""
         if self.is_running():
+            with self._client() as client:  # a config change applies to the running one too
+                client.config_set("appendfsync", self.appendfsync)
             log.info("embedded redis already running; reusing it", socket=str(self.socket))
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ class EmbeddedRedis:
             f"pidfile {self.dir / 'redis.pid'}\n"
             f"logfile {self.dir / 'redis.log'}\n"
             "appendonly yes\n"
-            "appendfsync everysec\n"
+            f"appendfsync {self.appendfsync}\n"
             'save ""\n'
             "daemonize no\n"
         )
@@ -138,11 +141,12 @@ class EmbeddedRedis:
         return True
 
 
-def ensure_redis(config_state_dir: Path, url: str) -> tuple[str, EmbeddedRedis | None]:
+def ensure_redis(config_state_dir: Path, url: str, appendfsync: str = "always"
+                 ) -> tuple[str, EmbeddedRedis | None]:
     """The Redis URL to use. With an empty ``url``, make sure the embedded server runs;
     the second value is the server when this call started it (so the caller stops it)."""
     if url:
         return url, None
-    server = EmbeddedRedis(config_state_dir)
+    server = EmbeddedRedis(config_state_dir, appendfsync)
     started = server.start()
     return server.url, (server if started else None)

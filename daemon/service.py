@@ -30,8 +30,10 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    url, owned_redis = await asyncio.to_thread(ensure_redis, config.state_dir, config.redis.url)
-    queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results)
+    url, owned_redis = await asyncio.to_thread(ensure_redis, config.state_dir, config.redis.url,
+                                               config.redis.appendfsync)
+    queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
+                                   max_queued=config.queue.max_queued)
     intakes: list[FolderIntake | HttpIntake | ChatIntake] = [
         FolderIntake(folder, config, queue) for folder in config.intake.folder]
     if config.intake.http.enabled:

@@ -52,7 +52,7 @@ class Supervisor:
 
     def start(self) -> None:
         if not self.config.redis.url:
-            self.redis = EmbeddedRedis(self.config.state_dir)
+            self.redis = EmbeddedRedis(self.config.state_dir, self.config.redis.appendfsync)
             self.owns_redis = self.redis.start()
         for child in self.children:
             child.start()

@@ -78,7 +78,7 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import EVENTS_CHANNEL, JOB_EXPIRY_S, QueueClient, recent_key
+from daemon.queue import EVENTS_CHANNEL, JOB_EXPIRY_S, QueueClient, QueueFull, recent_key
 from intake import chat_format as texts
 
 # python-telegram-bot 22 warns about its own coming timedelta change on every 429 it
@@ -583,7 +583,12 @@ class ChatIntake:
         # Held until the progress message is recorded: a job quick enough to finish first
         # is delivered after that, so its progress message gets its last word too.
         async with self._lock(job_id):
-            result = await self.queue.enqueue(spec)
+            try:
+                result = await self.queue.enqueue(spec)
+            except QueueFull as exc:
+                shutil.rmtree(directory, ignore_errors=True)
+                await self.reply(ask, texts.not_queued(str(exc)))
+                return
             await self._count_today(ask.user_id)
             text = texts.progress(job_id, {"status": JobStatus.queued,
                                            "position": result.position})

@@ -53,7 +53,7 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import QueueClient
+from daemon.queue import QueueClient, QueueFull
 from intake.jobfile import parse_request
 from workers import pipelines
 
@@ -253,7 +253,14 @@ class FolderIntake:
             return None
         if spec is None:
             return None
-        result = await self.queue.enqueue(spec)
+        try:
+            result = await self.queue.enqueue(spec)
+        except QueueFull as exc:
+            # Backpressure: the file waits in the inbox; the next scan offers it again.
+            self.taken.pop(path, None)
+            log.warning("queue full; the file waits in the inbox", file=path.name,
+                        reason=str(exc))
+            return None
         log.info("job queued" if result.accepted else "job already known", job_id=spec.id,
                  file=path.name, position=result.position)
         return spec.id

@@ -45,7 +45,7 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import QueueClient
+from daemon.queue import QueueClient, QueueFull
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
@@ -113,6 +113,8 @@ class HttpApi:
             web.get("/jobs/{id}", self.get_job),
             web.delete("/jobs/{id}", self.cancel_job),
             web.get("/jobs/{id}/files/{name}", self.get_file),
+            web.post("/admin/pause", self.pause),
+            web.post("/admin/resume", self.resume),
         ])
         return app
 
@@ -276,6 +278,7 @@ class HttpApi:
         alive = [beat for beat in workers
                  if beat["age_s"] < WORKER_STALE_S and not beat.get("stopped")]
         body["worker_heartbeat_age_s"] = min((b["age_s"] for b in workers), default=None)
+        body["paused"] = await self.queue.paused()
         body["status"] = "ok" if alive else "no worker alive"
         return web.json_response(body, status=200 if alive else 503)
 
@@ -325,7 +328,12 @@ class HttpApi:
             state, _ = await self._load(other.decode(), caller)
             return self._accepted(state, replayed=True)
         await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
-        await self.queue.enqueue(spec)
+        try:
+            await self.queue.enqueue(spec)
+        except QueueFull as exc:
+            await self.queue.redis.delete(_idem_key(caller.name, idempotency_key))
+            shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
+            raise ApiError(503, str(exc)) from None
         state = await self.queue.get_state(job_id) or {}
         log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
                  request_id=request[REQUEST_ID])
@@ -469,6 +477,28 @@ class HttpApi:
         state, _ = await self._load(job_id, caller)
         return web.json_response(self.job_view(state),
                                  status=200 if outcome == "cancelled" else 202)
+
+    def _admin(self, request: web.Request) -> Caller:
+        caller = self.authenticate(request)
+        if not caller.is_admin:
+            raise ApiError(403, "pausing and resuming the workers needs an admin token")
+        return caller
+
+    async def pause(self, request: web.Request) -> web.Response:
+        caller = self._admin(request)
+        body = await request.content.read(MAX_FIELD_BYTES)
+        try:
+            reason = str(json.loads(body).get("reason", "")) if body.strip() else ""
+        except (ValueError, AttributeError):
+            raise ApiError(422, 'send {"reason": "..."} or no body',
+                           [{"field": "reason", "reason": "not a JSON object"}]) from None
+        await self.queue.pause(by=caller.name, reason=reason[:500])
+        return web.json_response({"paused": await self.queue.paused()})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        self._admin(request)
+        await self.queue.resume()
+        return web.json_response({"paused": None})
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
         job_id = self._check_job_id(request.match_info["id"])

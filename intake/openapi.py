@@ -89,6 +89,7 @@ def openapi_document() -> dict[str, Any]:
             "next_cursor": {"type": ["string", "null"]}}},
         "Health": {"type": "object", "properties": {
             "status": {"type": "string"}, "redis": {"type": "string"},
+            "paused": {"type": ["object", "null"]},
             "queue_length": {"type": "integer"},
             "worker_heartbeat_age_s": {"type": ["number", "null"]},
             "workers": {"type": "array", "items": {"type": "object"}}}},
@@ -155,6 +156,16 @@ def openapi_document() -> dict[str, Any]:
                                          "202": _json(_ref("Job"), "stopping at its next step"),
                                          **_errors(401, 403, 404, 409)}},
             },
+            "/admin/pause": {"post": {
+                "summary": "Workers finish their running job and take no new one (admin)",
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"reason": {"type": "string"}}}}}},
+                "responses": {"200": _json({"type": "object"}, "paused"),
+                              **_errors(401, 403, 422)}}},
+            "/admin/resume": {"post": {
+                "summary": "Let paused workers take jobs again (admin)",
+                "responses": {"200": _json({"type": "object"}, "resumed"),
+                              **_errors(401, 403)}}},
             "/jobs/{id}/files/{name}": {"get": {
                 "summary": "An artifact; supports Range. Signed links need no token.",
                 "parameters": [job_id,

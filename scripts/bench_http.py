@@ -3,7 +3,9 @@
 
 Starts the embedded Redis and a real daemon (no worker: the queue only fills), then
 sends N ``POST /jobs`` from C concurrent clients on loopback. Prints requests per
-second, p50/p99 latency, and checks that exactly N jobs were queued.
+second, p50/p99 latency, and checks that exactly N jobs were queued; twice, side by
+side: with the embedded Redis fsyncing every second, and before every acknowledgement
+(``[redis] appendfsync = "always"``, the default), which prices durable acceptance.
 
     .venv/bin/python scripts/bench_http.py [--requests 2000] [--clients 50]
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.cli import open_queue  # noqa: E402
 from daemon.config import load_config  # noqa: E402
+from daemon.redis_server import EmbeddedRedis  # noqa: E402
 
 TOKEN = "bench-token"
 
@@ -90,17 +93,14 @@ async def queued(config) -> int:
         await queue.close()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=50)
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace, appendfsync: str) -> dict[str, object]:
+    """One fresh daemon and embedded Redis with this fsync setting; N POSTs."""
     workdir = Path(tempfile.mkdtemp(prefix="reelqueue-bench-http-"))
     port = free_port()
     config_path = workdir / "config.toml"
     config_path.write_text(
-        '[state]\ndir = "var"\n[log]\nlevel = "warning"\nformat = "json"\n'
+        f'[state]\ndir = "var"\n[redis]\nappendfsync = "{appendfsync}"\n'
+        '[log]\nlevel = "warning"\nformat = "json"\n'
         '[[intake.folder]]\npath = "inbox"\n'
         f'[intake.http]\nlisten = "127.0.0.1:{port}"\n'
         f'[[intake.http.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
@@ -113,19 +113,31 @@ def main() -> int:
     finally:
         daemon.terminate()
         daemon.wait(30)
-        from daemon.redis_server import EmbeddedRedis
-
         EmbeddedRedis(config.state_dir).stop(only_if_idle=False)
     latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    print(f"{args.requests} POST /jobs from {args.clients} concurrent clients on loopback "
-          f"(no worker running)")
-    print(f"{'requests per second':<28}{args.requests / elapsed:10.0f}")
-    print(f"{'p50 latency':<28}{statistics.median(latencies) * 1000:10.1f} ms")
-    print(f"{'p99 latency':<28}{p99 * 1000:10.1f} ms")
-    print(f"{'responses':<28}{statuses}")
-    print(f"{'jobs in the queue':<28}{in_queue:10d}   (expected {args.requests})")
-    return 0 if in_queue == args.requests and statuses == {202: args.requests} else 1
+    return {"rps": args.requests / elapsed, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "statuses": statuses, "queued": in_queue}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=50)
+    args = parser.parse_args()
+    results = {fsync: measure(args, fsync) for fsync in ("everysec", "always")}
+    print(f"\n{args.requests} POST /jobs from {args.clients} concurrent clients on loopback "
+          "(no worker running), embedded Redis")
+    print(f"{'appendfsync':<13}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'queued':>8}  responses")
+    for fsync, r in results.items():
+        print(f"{fsync:<13}{r['rps']:>8.0f}{r['p50'] * 1000:>9.1f}{r['p99'] * 1000:>9.1f}"
+              f"{r['queued']:>8}  {r['statuses']}")
+    cost = results["everysec"]["rps"] / results["always"]["rps"]
+    print(f"durable acknowledgement (always vs everysec): throughput × {1 / cost:.2f}")
+    ok = all(r["queued"] == args.requests and r["statuses"] == {202: args.requests}
+             for r in results.values())
+    print("exactly", args.requests, "jobs queued each time" if ok else "— MISMATCH")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

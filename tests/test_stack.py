@@ -17,6 +17,10 @@ from tests.conftest import REPO, wait_for, write_config
 pytestmark = pytest.mark.timeout(120)
 
 FOX = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。\n".encode()
+# Long enough that a test can stop the worker between its scenes.
+EIGHT_SCENES = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls. "
+                          "Stars appear. The fox sleeps. Dawn comes.",
+                "width": 480, "height": 272, "fps": 16, "duration": 24}
 
 
 def inbox_of(config_file: Path) -> Path:
@@ -112,9 +116,7 @@ def test_worker_killed_mid_job_resumes_and_reuses_finished_scenes(config_file, s
     spawn("daemon")
     worker = spawn("worker")
     inbox = inbox_of(config_file)
-    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls. "
-                     "Stars appear. The fox sleeps. Dawn comes.",
-           "width": 480, "height": 272, "fps": 16, "duration": 24}
+    job = EIGHT_SCENES
     drop(inbox, "long.json", json.dumps(job).encode())
     scenes = config_file.parent / "var" / "jobs"
     wait_for(lambda: list(scenes.glob("*/scenes/*.mp4")), timeout=60, what="a first scene clip")
@@ -135,9 +137,7 @@ def test_sigterm_stops_the_job_at_its_next_step_and_it_resumes_on_next_start(con
     spawn("daemon")
     worker = spawn("worker")
     inbox = inbox_of(config_file)
-    job = {"prompt": "A fox runs. It stops. It looks back. The sun sets. Night falls. "
-                     "Stars appear. The fox sleeps. Dawn comes.",
-           "width": 480, "height": 272, "fps": 16, "duration": 24}
+    job = EIGHT_SCENES
     drop(inbox, "graceful.json", json.dumps(job).encode())
     jobs = config_file.parent / "var" / "jobs"
     wait_for(lambda: list(jobs.glob("*/scenes/*.mp4")), timeout=60, what="a first scene clip")

@@ -4,8 +4,11 @@ numpy arrays in RGB(A) order."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import subprocess
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,29 +75,42 @@ def read_burst(path: Path, max_frames: int) -> list[np.ndarray]:
     return frames
 
 
-def read_video(path: Path, max_frames: int) -> Clip:
-    """Decode up to ``max_frames`` RGB frames of a video."""
+@dataclass
+class VideoStream:
+    width: int
+    height: int
+    fps: float  # 0 when the file does not say
+    duration_s: float
+    frames: Iterator[np.ndarray]  # H×W×3 uint8 RGB, decoded as they are read
+
+
+@contextlib.contextmanager
+def open_video(path: Path) -> Iterator[VideoStream]:
+    """Decode a video lazily, frame by frame; a file that is no video is a ``JobError``."""
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration) as exc:
         raise JobError(f"{path.name} is not a video this server can decode ({exc})") from None
-    width, height = meta["size"]
-    if width * height > MAX_PIXELS:
-        reader.close()
-        raise JobError(f"{path.name} is {width}×{height}; the limit is "
-                       f"{MAX_PIXELS // 1_000_000} megapixels")
-    frames = []
     try:
-        for raw in reader:
-            frames.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
-            if len(frames) >= max_frames:
-                break
+        width, height = meta["size"]
+        if width * height > MAX_PIXELS:
+            raise JobError(f"{path.name} is {width}×{height}; the limit is "
+                           f"{MAX_PIXELS // 1_000_000} megapixels")
+        frames = (np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in reader)
+        yield VideoStream(width, height, float(meta.get("fps") or 0.0),
+                          float(meta.get("duration") or 0.0), frames)
     finally:
         reader.close()
+
+
+def read_video(path: Path, max_frames: int) -> Clip:
+    """Decode up to ``max_frames`` RGB frames of a video."""
+    with open_video(path) as video:
+        frames = list(itertools.islice(video.frames, max_frames))
     if not frames:
         raise JobError(f"{path.name} has no video frames")
-    return Clip(frames, float(meta.get("fps") or 0.0), float(meta.get("duration") or 0.0))
+    return Clip(frames, video.fps, video.duration_s)
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

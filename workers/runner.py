@@ -11,7 +11,7 @@ import traceback
 
 from daemon.config import Config
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, job_dir
-from workers import gpu, pipelines
+from workers import content, gpu, pipelines
 from workers.context import JobCancelled, JobContext, ProgressCallback
 
 
@@ -63,6 +63,7 @@ def run_job_sync(
     )
     job.log("job started", kind=spec.kind)
     try:
+        content.check([spec.prompt], config.queue.blocklist, "prompt")
         result = pipelines.load(spec.kind).run(job)
         outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports,
                              extras=result.extras)

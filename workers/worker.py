@@ -18,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from arq import Worker, cron, func
+from arq import Retry, Worker, cron, func
 from arq.constants import in_progress_key_prefix
 
 from daemon.config import Config
-from daemon.jobs import JobOutcome, JobStatus, job_dir, read_spec
+from daemon.jobs import JobOutcome, JobSpec, JobStatus, job_dir, read_spec
 from daemon.logs import get_logger
 from daemon.queue import (
     QUEUE_NAME,
@@ -48,6 +50,7 @@ HEARTBEAT_S = 3.0
 CLAIM_TTL_S = 20  # a dead worker's claim on its job lapses after this
 ORPHAN_GRACE_MS = 15_000  # arq marks a job in progress a moment before we claim it
 PROGRESS_MIN_INTERVAL_S = 0.25
+DISK_RETRY_S = 60  # a job held for disk space is looked at again after this
 
 log = get_logger(component="worker")
 
@@ -62,6 +65,7 @@ class WorkerState:
     arq_worker: Worker | None = None
     current_job: str | None = None
     current_stage: str = ""
+    paused: str = ""  # why, while workers are paused
     heartbeat_task: asyncio.Task[None] | None = None
 
     @property
@@ -92,6 +96,7 @@ async def _beat(state: WorkerState) -> None:
         "vram_used": vram[0] if vram else None,
         "vram_total": vram[1] if vram else None,
         "stopped": gpu.HEALTH.reason or None,
+        "paused": state.paused or None,
         "ts": time.time(),
     }
     await redis.set(worker_key(state.name), json.dumps(beat), ex=int(HEARTBEAT_S * 5))
@@ -124,6 +129,12 @@ async def recover_orphans(state: WorkerState) -> list[str]:
 async def _heartbeat_loop(state: WorkerState) -> None:
     while True:
         try:
+            paused = await state.queue.paused()
+            state.paused = (paused["reason"] or f"paused by {paused['by']}") if paused else ""
+            if state.arq_worker is not None:
+                # A paused worker finishes its job and takes no new one; so does one whose
+                # GPU keeps failing.
+                state.arq_worker.allow_pick_jobs = not paused and not gpu.HEALTH.should_stop
             await _beat(state)
             await recover_orphans(state)
         except Exception as exc:  # Redis restarting: keep beating once it is back
@@ -187,6 +198,13 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
     except (OSError, ValueError) as exc:
         await queue.finish(job_id, JobStatus.failed, f"the job's spec could not be read: {exc}")
         return {"status": JobStatus.failed}
+
+    low = low_disk_space(config, spec)
+    if low:
+        # Holding beats writing half-files: the job waits in the queue and is tried again.
+        await queue.update_state(job_id, status=JobStatus.queued, stage="held", message=low)
+        bound.warning("job held: low disk space", reason=low)
+        raise Retry(defer=DISK_RETRY_S)
 
     attempts = await redis.incr(attempts_key(job_id))
     await redis.expire(attempts_key(job_id), int(config.worker.keep_results))
@@ -275,6 +293,21 @@ async def write_morning_digest(ctx: dict[str, Any]) -> dict[str, str]:
     written = await asyncio.to_thread(digest.write_for_window, state.config)
     log.info("digest written", html=written["html"], jobs=len(written["jobs"]))
     return {"html": written["html"], "summary": written["summary"]}
+
+
+def low_disk_space(config: Config, spec: JobSpec) -> str:
+    """Why a job must wait for disk space, or "" when there is enough."""
+    folders = [config.state_dir] + ([Path(spec.source.folder)] if spec.source.folder else [])
+    need = config.queue.min_free_gb * 1e9
+    for folder in folders:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        free = shutil.disk_usage(existing).free
+        if free < need:
+            return (f"held: {free / 1e9:.1f} GB free on {folder}, below [queue] min_free_gb = "
+                    f"{config.queue.min_free_gb:g}; free some space and it starts by itself")
+    return ""
 
 
 def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:

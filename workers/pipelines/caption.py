@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,32 +55,23 @@ class Footage:
 
 def read_footage(path: Path) -> Footage:
     """Decode the video, keeping about ``SAMPLES_PER_SECOND`` small frames."""
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise JobError(f"{path.name} is not a video this server can decode ({exc})") from None
-    width, height = meta["size"]
-    fps = float(meta.get("fps") or 25.0)
-    stride = max(1, round(fps / SAMPLES_PER_SECOND))
-    scale = min(1.0, KEPT_MAX_SIDE / max(width, height))
     frames, times = [], []
-    try:
-        for index, raw in enumerate(reader):
+    with media.open_video(path) as video:
+        fps = video.fps or 25.0
+        stride = max(1, round(fps / SAMPLES_PER_SECOND))
+        scale = min(1.0, KEPT_MAX_SIDE / max(video.width, video.height))
+        for index, frame in enumerate(video.frames):
             if index % stride:
                 continue
-            frame = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
             if scale < 1.0:
                 frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
             frames.append(frame)
             times.append(index / fps)
             if len(frames) >= MAX_KEPT_FRAMES:
                 break
-    finally:
-        reader.close()
     if not frames:
         raise JobError(f"{path.name} has no video frames")
-    return Footage(frames, times, float(meta.get("duration") or times[-1]))
+    return Footage(frames, times, video.duration_s or times[-1])
 
 
 def find_shots(frames: list[np.ndarray], times: list[float]) -> list[tuple[int, int]]:

@@ -52,7 +52,7 @@ class VideoFormat:
 
     width: int
     height: int
-    fps: int
+    fps: float  # a film's whole rate, or a source clip's own (29.97) when upscaling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from urllib.parse import quote
 
 from daemon import files
 from daemon.config import PostConfig
-from workers import gpu
+from workers import reports
 from workers.context import JobContext
 from workers.fonts import has_cjk
 from workers.pipelines.animatic import SceneClip
@@ -49,7 +48,7 @@ def build_report(
     font: Path | None,
 ) -> dict[str, Any]:
     """Everything worth knowing about a finished ``video`` job, as JSON-ready data."""
-    spec, video, info = job.spec, job.config.video, production.info
+    video, info = job.config.video, production.info
     scenes = []
     start = 0
     for scene, clip in zip(board.scenes, clips, strict=True):
@@ -65,16 +64,8 @@ def build_report(
             "thumbnail": clip.thumbnail.relative_to(job.dir).as_posix(),
         })
         start += scene.frames
-    timings = {name: _seconds(job.timings.get(name)) for name in ("plan", "render", "post")}
     return {
-        "id": spec.id,
-        "kind": spec.kind,
-        "status": "done",
-        "source": spec.source.model_dump(mode="json"),
-        "submitted_by": spec.submitted_by,
-        "created_at": spec.created_at.isoformat(),
-        "prompt": spec.prompt,
-        "options": options,
+        **reports.job_fields(job, options),
         "settings": {
             "video": {"backend": video.backend, "width": info.width, "height": info.height,
                       "fps": board.fps, "scene_seconds": video.scene_seconds,
@@ -100,9 +91,6 @@ def build_report(
         },
         "music": production.music,
         "poster": production.poster.name,
-        "timings": {"queue_wait": _seconds(job.queue_wait_s), **timings,
-                    "total": _seconds(job.elapsed())},
-        "device": gpu.device_name(),
         "output": {
             "path": str(production.video.resolve()),
             "duration_s": round(info.duration_s, 3),
@@ -118,8 +106,6 @@ def build_report(
         },
         "font": str(font) if font else "PIL built-in font",
         "degradations": list(production.degradations),
-        "warnings": list(job.warnings),
-        "version": _version(),
     }
 
 
@@ -421,10 +407,6 @@ def _when(iso: str) -> str:
     return iso.replace("T", " ")[:19] + " UTC" if iso.endswith(("+00:00", "Z")) else iso
 
 
-def _seconds(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
 def _duration(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
@@ -432,9 +414,3 @@ def _duration(value: float | None) -> str:
 def _size(size_bytes: int) -> str:
     return f"{size_bytes / 1e6:.1f} MB" if size_bytes >= 1e5 else f"{size_bytes / 1e3:.0f} kB"
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("reelqueue")
-    except importlib.metadata.PackageNotFoundError:  # running from a checkout
-        return "unknown"

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -111,33 +110,23 @@ def upscale_image(model, scale: int, dtype, image: np.ndarray, settings: Upscale
 
 def _upscale_video(model, scale, dtype, source: Path, settings: UpscaleConfig, tile: int,
                    job: JobContext) -> dict[str, object]:
-    clip = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
-    try:
-        meta = next(clip)
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise JobError(f"{source.name} is not a video this server can decode ({exc})") from None
-    width, height = meta["size"]
-    fps = float(meta.get("fps") or 25.0)
-    expected = max(1, round(float(meta.get("duration") or 0) * fps))
-    if expected > settings.max_frames:
-        clip.close()
-        raise JobError(f"{source.name} has about {expected} frames; the limit is "
-                       f"{settings.max_frames} ([upscale] max_frames)")
-    # H.264 in yuv420p needs even sizes.
-    out_w, out_h = (width * scale) // 2 * 2, (height * scale) // 2 * 2
-    fmt = encode.VideoFormat(width=out_w, height=out_h, fps=fps)
     silent = job.dir / ".upscaled-video-only.mp4"
     frames = 0
-    try:
+    with media.open_video(source) as video:
+        fps = video.fps or 25.0
+        expected = max(1, round(video.duration_s * fps))
+        if expected > settings.max_frames:
+            raise JobError(f"{source.name} has about {expected} frames; the limit is "
+                           f"{settings.max_frames} ([upscale] max_frames)")
+        # H.264 in yuv420p needs even sizes.
+        out_w, out_h = (video.width * scale) // 2 * 2, (video.height * scale) // 2 * 2
+        fmt = encode.VideoFormat(width=out_w, height=out_h, fps=fps)
         with files.atomic_path(silent) as tmp, encode.clip_writer(tmp, fmt, VIDEO_CRF) as write:
-            for raw in clip:
-                frame = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+            for frame in video.frames:
                 span = (10 + 85 * frames / expected, 85 / expected)
                 big, _ = upscale_image(model, scale, dtype, frame, settings, tile, job, span)
                 write(np.ascontiguousarray(big[:out_h, :out_w]))
                 frames += 1
-    finally:
-        clip.close()
     media.copy_audio(silent, source, job.dir / VIDEO_OUTPUT)
     silent.unlink(missing_ok=True)
     return {"frames": frames, "fps": fps, "width": out_w, "height": out_h}

@@ -34,7 +34,7 @@ from daemon.config import (
     TransitionSeconds,
 )
 from daemon.jobs import JobError, describe_validation_error
-from workers import fonts, gpu, models
+from workers import content, fonts, gpu, models
 from workers.context import JobContext, JobResult
 from workers.pipelines import animatic, encode, footage, post, report, storyboard
 from workers.pipelines.storyboard import Scene
@@ -127,6 +127,9 @@ def run(job: JobContext) -> JobResult:
     vram = gpu.VramMonitor(footage.gpu_settings(config), on_warning=job.warn)
     with vram:
         board, planned_by = _plan(job, options, fmt)
+        # A storyboard written by an LLM can say what the prompt did not.
+        content.check([board.title, *board.text().splitlines()], config.queue.blocklist,
+                      "storyboard")
         font, font_warnings = fonts.find_font(board.text(), defaults.font)
         for warning in font_warnings:
             job.warn(warning)

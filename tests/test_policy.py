@@ -1,0 +1,169 @@
+"""Queue policy and operational guarantees: durable acknowledgement, the queue cap with
+backpressure, pause and resume, the disk floor, and content rules."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis as redis_sync
+from aiohttp.test_utils import TestClient, TestServer
+
+from daemon.config import Config, QueueConfig, StateConfig, load_config
+from daemon.jobs import JobSpec, Source, new_job_id, write_spec
+from daemon.queue import QueueClient, QueueFull
+from daemon.redis_server import EmbeddedRedis
+from intake.folder import FolderIntake
+from intake.http import HttpApi
+from tests.conftest import wait_for, write_config
+from workers.runner import run_job_sync
+from workers.worker import low_disk_space
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def spec(prompt: str = "a red fox", **options) -> JobSpec:
+    return JobSpec(id=new_job_id(), kind="video", prompt=prompt, options=options,
+                   source=Source(channel="cli"))
+
+
+def test_the_embedded_redis_fsyncs_before_acknowledging(tmp_path):
+    server = EmbeddedRedis(tmp_path / "state")
+    server.start()
+    try:
+        with redis_sync.Redis(unix_socket_path=str(server.socket)) as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+        # A restart with "everysec" applies it to the server that is still running.
+        EmbeddedRedis(tmp_path / "state", "everysec").start()
+        with redis_sync.Redis(unix_socket_path=str(server.socket)) as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    finally:
+        server.stop(only_if_idle=False)
+
+
+async def test_the_queue_cap_refuses_with_a_clear_answer(config, redis_url):
+    queue = await QueueClient.open(redis_url, max_queued=2)
+    try:
+        for _ in range(2):
+            job = spec()
+            write_spec(config.jobs_dir, job)
+            await queue.enqueue(job)
+        extra = spec()
+        write_spec(config.jobs_dir, extra)
+        with pytest.raises(QueueFull, match=r"queue is full \(2 jobs waiting, the limit is 2\)"):
+            await queue.enqueue(extra)
+        assert await queue.queue_length() == 2
+    finally:
+        await queue.close()
+
+
+async def test_http_answers_503_when_full_and_the_folder_waits(tmp_path, redis_url):
+    config = load_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "a"\ntoken = "t"',
+        "queue": "max_queued = 1"}))
+    queue = await QueueClient.open(redis_url, max_queued=1)
+    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+        headers = {"Authorization": "Bearer t"}
+        first = await client.post("/jobs", json={"prompt": "a fox"}, headers=headers)
+        assert first.status == 202
+        full = await client.post("/jobs", json={"prompt": "a fox"}, headers=headers)
+        assert full.status == 503
+        assert "the queue is full" in (await full.json())["error"]["message"]
+
+        folder = config.intake.folder[0]
+        intake = FolderIntake(folder, config, queue)
+        await intake.start()
+        try:
+            (folder.path / "waiting.txt").write_text("a patient fox")
+            time.sleep(1.5)
+            await intake.take(folder.path / "waiting.txt")
+            assert (folder.path / "waiting.txt").exists()  # kept in the inbox, not refused
+            assert not list((folder.path / "failed").iterdir())
+            assert folder.path / "waiting.txt" not in intake.taken  # offered again later
+        finally:
+            await intake.stop()
+    await queue.close()
+
+
+async def test_pause_and_resume_need_an_admin_token(tmp_path, redis_url):
+    config = load_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "u"\ntoken = "user"\n'
+                       '[[intake.http.tokens]]\nname = "boss"\ntoken = "admin"\nrole = "admin"'}))
+    queue = await QueueClient.open(redis_url)
+    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+        denied = await client.post("/admin/pause", headers={"Authorization": "Bearer user"})
+        assert denied.status == 403
+        paused = await client.post("/admin/pause", json={"reason": "driver upgrade"},
+                                   headers={"Authorization": "Bearer admin"})
+        assert (await paused.json())["paused"]["reason"] == "driver upgrade"
+        health = await (await client.get("/healthz")).json()
+        assert health["paused"]["by"] == "boss"
+        await client.post("/admin/resume", headers={"Authorization": "Bearer admin"})
+        assert await queue.paused() is None
+    await queue.close()
+
+
+def test_a_paused_worker_finishes_nothing_new_until_resumed(config_file, spawn):
+    from tests.test_stack import drop, inbox_of, run_cli
+
+    spawn("daemon")
+    spawn("worker")
+    assert run_cli(config_file, "pause", "--reason", "maintenance").returncode == 0
+    time.sleep(4)  # the worker sees the pause at its next heartbeat
+    inbox = inbox_of(config_file)
+    drop(inbox, "later.txt", b"a red fox, after the maintenance")
+    time.sleep(5)
+    assert not (inbox / "done" / "later.mp4").exists()
+    status = run_cli(config_file, "status").stdout
+    assert "paused" in status and "maintenance" in status
+    assert run_cli(config_file, "resume").returncode == 0
+    wait_for(lambda: (inbox / "done" / "later.mp4").exists(), timeout=60, what="the job")
+
+
+def test_jobs_are_held_while_the_disk_is_nearly_full(tmp_path, redis_url, spawn):
+    from tests.test_stack import drop, inbox_of, run_cli
+
+    config_file = write_config(tmp_path, redis_url, queue="min_free_gb = 1000000")
+    spawn("daemon")
+    spawn("worker")
+    drop(inbox_of(config_file), "big.txt", b"a red fox on a full disk")
+    jobs = tmp_path / "var" / "jobs"
+    wait_for(lambda: list(jobs.glob("*/spec.json")), what="the job")
+    job_id = next(jobs.iterdir()).name
+
+    def held() -> bool:
+        return "held:" in run_cli(config_file, "status", job_id).stdout
+
+    wait_for(held, timeout=30, what="the hold")
+    assert not (jobs / job_id / "log.jsonl").exists()  # never started
+
+
+def test_low_disk_message_names_the_folder_and_the_setting(tmp_path):
+    config = Config(state=StateConfig(dir=tmp_path / "var"), queue=QueueConfig(min_free_gb=1e9))
+    message = low_disk_space(config, spec())
+    assert "below [queue] min_free_gb = 1e+09" in message and str(tmp_path) in message
+    config = Config(state=StateConfig(dir=tmp_path / "var"), queue=QueueConfig(min_free_gb=0))
+    assert low_disk_space(config, spec()) == ""
+
+
+def test_content_rules_block_prompts_and_storyboards(tmp_path):
+    config = Config(state=StateConfig(dir=tmp_path / "var"),
+                    queue=QueueConfig(blocklist=[r"\bfox(es)?\b"]))
+    blocked = spec("A red FOX runs.")
+    write_spec(config.jobs_dir, blocked)
+    outcome = run_job_sync(blocked, config)
+    assert outcome.status == "failed" and "prompt matches this server's content rule" in \
+        outcome.error
+    sneaky = spec("a quiet animal", duration=3,
+                  scenes=[{"description": "two foxes fight", "duration_s": 3}])
+    write_spec(config.jobs_dir, sneaky)
+    outcome = run_job_sync(sneaky, config)
+    assert outcome.status == "failed" and "storyboard matches" in outcome.error
+
+
+def test_a_bad_blocklist_pattern_is_a_config_error(tmp_path):
+    from daemon.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        load_config(write_config(tmp_path, "", queue='blocklist = ["(unclosed"]'))

@@ -50,10 +50,21 @@ def copy_file(src: Path, dest: Path) -> None:
 
 
 def move_file(src: Path, dest: Path) -> None:
-    """Move ``src`` to ``dest`` atomically (copy + rename across file systems)."""
+    """Move ``src`` to ``dest`` atomically: a hard link under a temp name, renamed into
+    place, then ``src`` removed (copy + rename across file systems).
+
+    Not a plain rename: a rename out of a watched folder reaches watchdog as an unpaired
+    "moved from", which it holds back half a second to pair it, and every later event
+    of that folder waits behind it. A removal is reported at once. A crash in between
+    leaves both names, and the move can simply be done again.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(dest)
+    tmp.unlink(missing_ok=True)
     try:
-        os.rename(src, dest)
-    except OSError:
+        os.link(src, tmp)
+    except OSError:  # another file system, or one without hard links
         copy_file(src, dest)
-        src.unlink()
+    else:
+        os.replace(tmp, dest)
+    src.unlink()

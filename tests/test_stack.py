@@ -280,3 +280,30 @@ def test_media_kinds_through_their_own_folders(tmp_path, redis_url, spawn):
     error = exposures / "failed" / "notes.error.txt"
     wait_for(error.exists, what="the refusal")
     assert "a long_exposure job needs an input file (.mp4" in error.read_text()
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_max_tries(tmp_path, redis_url,
+                                                                      spawn):
+    import sys
+
+    killer = Path(__file__).parent / "fixtures" / "research_kill_worker.py"
+    config_file = write_config(
+        tmp_path, redis_url,
+        **{"intake.folder": 'path = "inbox"\nkind = "killer"\nsettle = "0.5s"',
+           "worker": 'job_timeout = "2m"\nmax_tries = 2\nname = "test-worker"',
+           "pipelines.killer": f'type = "command"\ninputs = ["text"]\n'
+                               f'command = ["{sys.executable}", "{killer}"]'})
+    spawn("daemon")
+    inbox = inbox_of(config_file)
+    drop(inbox, "poison.txt", b"this job takes its worker down")
+    error = inbox / "failed" / "poison.error.txt"
+    deaths = 0
+    deadline = time.monotonic() + 90
+    while not error.exists() and time.monotonic() < deadline:
+        worker = spawn("worker")  # what a supervisor does: start it again
+        while worker.popen.poll() is None and not error.exists():
+            time.sleep(0.1)
+        deaths += worker.popen.returncode == -9
+    assert error.exists(), "the poison job never failed"
+    assert deaths == 2
+    assert "started 2 times and each time its worker died" in error.read_text()

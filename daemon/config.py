@@ -389,6 +389,8 @@ class DigestConfig(_Section):
     at: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     window: Duration = Field(default=86400.0, gt=0)
     out_dir: Path | None = None
+    # With the chat channel on, the digest's summary is also posted to this chat; 0: none.
+    chat_id: int = 0
 
     @property
     def hour_minute(self) -> tuple[int, int]:

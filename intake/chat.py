@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import re
@@ -48,6 +49,7 @@ from telegram.error import (
     Forbidden,
     InvalidToken,
     NetworkError,
+    RetryAfter,
     TelegramError,
 )
 from telegram.ext import (
@@ -78,7 +80,14 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import EVENTS_CHANNEL, JOB_EXPIRY_S, QueueClient, QueueFull, recent_key
+from daemon.queue import (
+    CHAT_OUTBOX_KEY,
+    EVENTS_CHANNEL,
+    JOB_EXPIRY_S,
+    QueueClient,
+    QueueFull,
+    recent_key,
+)
 from intake import chat_format as texts
 
 # python-telegram-bot 22 warns about its own coming timedelta change on every 429 it
@@ -285,11 +294,40 @@ class ChatIntake:
         await self._set_commands()
         await self._load_live()
         self._tasks += [asyncio.create_task(self._watch_events()),
-                        asyncio.create_task(self._keep_progress_current())]
+                        asyncio.create_task(self._keep_progress_current()),
+                        asyncio.create_task(self._send_outbox())]
         self.ready.set()
         log.info("chat bot connected", username=self.app.bot.username,
                  base_url=self.chat.base_url, users=len(self.chat.allowed_user_ids),
                  groups=len(self.chat.allowed_chat_ids))
+
+    async def _send_outbox(self) -> None:
+        """Post what other processes left for the chat (the morning digest's summary),
+        with the reliable-queue pattern: a message leaves Redis only once it was sent."""
+        assert self.app is not None
+        active = CHAT_OUTBOX_KEY + ":active"
+        while await self.redis.lmove(active, CHAT_OUTBOX_KEY, "RIGHT", "LEFT"):
+            pass  # what a crashed daemon was sending goes out again
+        delay = 1.0
+        while True:
+            raw = await self.redis.blmove(CHAT_OUTBOX_KEY, active, 5, "RIGHT", "LEFT")
+            if raw is None:
+                continue
+            item = json.loads(raw)
+            try:
+                await self.app.bot.send_message(item["chat_id"], html.escape(item["text"]))
+            except (NetworkError, RetryAfter) as exc:  # TimedOut is a NetworkError
+                log.warning("could not post to the chat; retrying", error=self.redact(str(exc)),
+                            retry_in_s=delay)
+                await self.redis.lmove(active, CHAT_OUTBOX_KEY, "LEFT", "RIGHT")
+                await asyncio.sleep(delay)
+                delay = min(300.0, delay * 2)
+                continue
+            except TelegramError as exc:  # the chat is gone or refuses the bot: drop it
+                log.error("the chat refused a message; dropped", chat_id=item["chat_id"],
+                          error=self.redact(str(exc)))
+            delay = 1.0
+            await self.redis.lrem(active, 1, raw)
 
     async def _set_commands(self) -> None:
         """The command menu Telegram clients show; nice to have, so failures are only logged."""

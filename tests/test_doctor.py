@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,23 +124,23 @@ def test_redis_unreachable(tmp_path: Path) -> None:
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in finding.what
 
 
-@pytest.fixture
-def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis_sync.Redis]:
-    """The session's Redis, with its persistence settings put back afterwards."""
-    with redis_sync.Redis(unix_socket_path=str(redis_server.socket)) as client:
-        saved = {key: client.config_get(key)[key]
-                 for key in ("appendonly", "appendfsync", "save")}
-        yield client
-        for key, value in saved.items():
-            client.config_set(key, value)
+def test_redis_persistence(tmp_path: Path) -> None:
+    # A server of its own: this test turns persistence off, which others must not see.
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    server.start()
+    try:
+        with redis_sync.Redis(unix_socket_path=str(server.socket)) as redis_client:
+            _check_persistence(tmp_path, server, redis_client)
+    finally:
+        server.stop(only_if_idle=False)
 
 
-def test_redis_persistence(tmp_path: Path, redis_server: EmbeddedRedis,
-                           redis_client: redis_sync.Redis) -> None:
-    config = make_config(tmp_path, redis_server.url)
+def _check_persistence(tmp_path: Path, server: EmbeddedRedis,
+                       redis_client: redis_sync.Redis) -> None:
+    config = make_config(tmp_path, server.url)
     findings = doctor.check_redis(config)
     assert levels(findings) == {Level.OK}
-    assert "persistence: AOF on, appendfsync everysec" in findings[-1].what
+    assert "persistence: AOF on, appendfsync always" in findings[-1].what
 
     redis_client.config_set("appendfsync", "no")
     assert only(doctor.check_redis(config), Level.WARN)[0].startswith("appendfsync no")

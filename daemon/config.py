@@ -100,6 +100,9 @@ class HttpToken(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     token: str
     role: Literal["user", "admin"] = "user"
+    # Per-token caps, 0: none. Beyond them a POST gets 429 saying when to come back.
+    max_queued: int = Field(default=0, ge=0)
+    max_jobs_per_day: int = Field(default=0, ge=0)
 
     @property
     def secret(self) -> str | None:

@@ -5,7 +5,8 @@ Keys (all under ``reelqueue:``):
 
 - ``job:<id>``          hash: status, stage, percent, message, error, times, kind, …
 - ``recent``            sorted set of job ids by creation time (for listings)
-- ``recent:by:<name>``  the same, per submitter (for a user's own listing)
+- ``recent:by:<name>``  the same, per submitter (for a user's own listing and caps)
+- ``daily:<name>:<day>`` how many jobs a submitter queued that UTC day (daily caps)
 - ``events``            pub/sub channel: one JSON message per state change
 - ``workers``           set of worker names ever seen (their heartbeats say which live)
 - ``paused``            present while workers are paused: who paused them, why, when
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq import create_pool
@@ -232,6 +233,26 @@ class QueueClient:
                 ahead += 1
         return rank + 1 - ahead
 
+    async def active_jobs(self, submitted_by: str, scan: int = 200) -> list[dict[str, Any]]:
+        """The submitter's queued and running jobs, newest first (among their last
+        ``scan`` jobs)."""
+        active = []
+        for raw in await self.redis.zrevrange(recent_key(submitted_by), 0, scan - 1):
+            state = await self.get_state(raw.decode())
+            if state and state["status"] in (JobStatus.queued, JobStatus.running):
+                active.append(state)
+        return active
+
+    async def jobs_today(self, submitted_by: str) -> int:
+        return int(await self.redis.get(_daily_key(submitted_by)) or 0)
+
+    async def count_today(self, submitted_by: str) -> None:
+        key = _daily_key(submitted_by)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2 * 86400)
+            await pipe.execute()
+
     async def list_jobs(
         self,
         limit: int = 20,
@@ -336,6 +357,17 @@ class QueueClient:
         while await self.redis.lmove(DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, "RIGHT", "LEFT"):
             moved += 1
         return moved
+
+
+def _daily_key(submitted_by: str) -> str:
+    return f"{PREFIX}daily:{submitted_by}:{datetime.now(UTC):%Y-%m-%d}"
+
+
+def seconds_to_utc_midnight(now: datetime | None = None) -> float:
+    """How long until daily caps reset."""
+    now = now or datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - now).total_seconds()
 
 
 def utc_from_ts(value: str | float | None) -> datetime | None:

@@ -35,7 +35,6 @@ import traceback
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -87,6 +86,7 @@ from daemon.queue import (
     QueueClient,
     QueueFull,
     recent_key,
+    seconds_to_utc_midnight,
 )
 from intake import chat_format as texts
 
@@ -109,7 +109,6 @@ SWEEP_S = 10.0  # every live progress message is re-read this often: queue posit
 # move without an event of their own, and a pub/sub message can be missed.
 STORYBOARD_TTL_S = 7 * 86400
 REFUSAL_MEMORY_S = 30 * 86400
-ACTIVE_SCAN = 200  # a user's newest jobs looked at to count the queued and running ones
 SHRINK_TRIES = 4
 VIDEO_SHARE = 0.9  # of the byte budget spent on video bits; the rest is MP4 overhead
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{3,64}))?(?:\s+|$)")
@@ -123,10 +122,6 @@ def storyboard_key(chat_id: int, message_id: int) -> str:
     return f"{PREFIX}storyboard:{chat_id}:{message_id}"
 
 
-def daily_key(user_id: int, day: str) -> str:
-    return f"{PREFIX}daily:{user_id}:{day}"
-
-
 def refused_key(user_id: int, chat_id: int) -> str:
     return f"{PREFIX}refused:{user_id}:{chat_id}"
 
@@ -138,12 +133,6 @@ def parse_command(text: str) -> tuple[str | None, str, str | None]:
     if match is None:
         return None, text.strip(), None
     return match.group(1).lower(), text[match.end():].strip(), match.group(2)
-
-
-def seconds_to_utc_midnight(now: datetime | None = None) -> float:
-    now = now or datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (midnight - now).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -483,7 +472,7 @@ class ChatIntake:
             await self.reply(ask, texts.status(state))
 
     async def cmd_queue(self, ask: Ask, args: str, message: Message) -> None:
-        active = await self._active_jobs(ask.submitter)
+        active = await self.queue.active_jobs(ask.submitter)
         length = await self.queue.queue_length()
         # Running jobs stay in arq's queue until they finish: count them apart.
         running = sum(1 for beat in await self.queue.workers() if beat.get("job_id"))
@@ -491,7 +480,7 @@ class ChatIntake:
 
     async def cmd_cancel(self, ask: Ask, args: str, message: Message) -> None:
         if not args:
-            await self.reply(ask, texts.cancel_usage(await self._active_jobs(ask.submitter)))
+            await self.reply(ask, texts.cancel_usage(await self.queue.active_jobs(ask.submitter)))
             return
         job_id = args.split()[0]
         state = await self._visible_state(ask, job_id)
@@ -570,15 +559,6 @@ class ChatIntake:
                      "percent": 0.0, "prompt": spec.prompt}
         return state
 
-    async def _active_jobs(self, submitter: str) -> list[dict[str, Any]]:
-        """The submitter's queued and running jobs, newest first."""
-        active = []
-        for raw in await self.redis.zrevrange(recent_key(submitter), 0, ACTIVE_SCAN - 1):
-            state = await self.queue.get_state(raw.decode())
-            if state and state["status"] in (JobStatus.queued, JobStatus.running):
-                active.append(state)
-        return active
-
     # --- submitting ----------------------------------------------------------------------
 
     async def submit_message(self, ask: Ask, command: str, prompt: str, message: Message
@@ -627,7 +607,7 @@ class ChatIntake:
                 shutil.rmtree(directory, ignore_errors=True)
                 await self.reply(ask, texts.not_queued(str(exc)))
                 return
-            await self._count_today(ask.user_id)
+            await self.queue.count_today(ask.submitter)
             text = texts.progress(job_id, {"status": JobStatus.queued,
                                            "position": result.position})
             sent = await self.reply(ask, text)
@@ -641,21 +621,15 @@ class ChatIntake:
 
     async def _check_caps(self, user_id: int) -> None:
         """The per-user caps; 0 means no cap."""
+        submitter = f"tg:{user_id}"
         cap = self.chat.max_queued_per_user
         if cap:
-            active = await self._active_jobs(f"tg:{user_id}")
+            active = await self.queue.active_jobs(submitter)
             if len(active) >= cap:
                 raise JobError(texts.queued_cap(len(active), cap))
         cap = self.chat.max_jobs_per_user_per_day
-        if cap and int(await self.redis.get(daily_key(user_id, _utc_day())) or 0) >= cap:
+        if cap and await self.queue.jobs_today(submitter) >= cap:
             raise JobError(texts.daily_cap(cap, seconds_to_utc_midnight()))
-
-    async def _count_today(self, user_id: int) -> None:
-        key = daily_key(user_id, _utc_day())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 2 * 86400)
-            await pipe.execute()
 
     async def _download(self, attachment: Attachment, inputs: Path) -> None:
         """Fetch an attached file into the job's inputs, checking its size first."""
@@ -970,10 +944,6 @@ def _reply_to(message_id: int) -> ReplyParameters:
 def _too_large(exc: NetworkError) -> bool:
     text = str(exc).lower()
     return "too large" in text or "too big" in text
-
-
-def _utc_day() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
 def _read_report(directory: Path) -> dict[str, Any]:

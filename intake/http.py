@@ -45,7 +45,7 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import QueueClient, QueueFull
+from daemon.queue import QueueClient, QueueFull, seconds_to_utc_midnight
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
@@ -65,6 +65,8 @@ CALLER = web.RequestKey("caller", str)
 class Caller:
     name: str
     role: str
+    max_queued: int = 0
+    max_jobs_per_day: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -171,7 +173,7 @@ class HttpApi:
                 match = token
         if match is None:
             raise ApiError(401, "unknown token")
-        caller = Caller(match.name, match.role)
+        caller = Caller(match.name, match.role, match.max_queued, match.max_jobs_per_day)
         request[CALLER] = caller.name
         return caller
 
@@ -316,6 +318,11 @@ class HttpApi:
             self._discard_uploads(job_id)
             raise ApiError(422, str(exc), exc.problems) from None
 
+        try:
+            await self._check_caps(caller)
+        except ApiError:
+            self._discard_uploads(job_id)
+            raise
         spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options,
                        inputs=[p.name for p in uploads],
                        source=Source(channel=Channel.http, client=caller.name),
@@ -334,10 +341,23 @@ class HttpApi:
             await self.queue.redis.delete(_idem_key(caller.name, idempotency_key))
             shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
             raise ApiError(503, str(exc)) from None
+        await self.queue.count_today(caller.name)
         state = await self.queue.get_state(job_id) or {}
         log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
                  request_id=request[REQUEST_ID])
         return self._accepted(state)
+
+    async def _check_caps(self, caller: Caller) -> None:
+        if caller.max_queued:
+            active = len(await self.queue.active_jobs(caller.name))
+            if active >= caller.max_queued:
+                raise ApiError(429, f"token {caller.name!r} has {active} jobs queued or "
+                               f"running, its cap; send more when one has finished")
+        if caller.max_jobs_per_day and \
+                await self.queue.jobs_today(caller.name) >= caller.max_jobs_per_day:
+            hours = seconds_to_utc_midnight() / 3600
+            raise ApiError(429, f"token {caller.name!r} has used its {caller.max_jobs_per_day} "
+                           f"jobs for today; the cap resets at midnight UTC, in {hours:.1f} h")
 
     def _accepted(self, state: dict[str, Any], replayed: bool = False) -> web.Response:
         view = self.job_view(state)

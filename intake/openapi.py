@@ -23,8 +23,10 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "bad request", 401: "no or unknown token", 403: "not this token's job",
                404: "no such job or file", 409: "the job has already finished",
+               429: "the token's queued or daily cap is reached",
                413: "the request is larger than max_body_mb", 415: "wrong content type",
-               422: "a field is invalid; problems name it", 503: "the queue is unavailable"}
+               422: "a field is invalid; problems name it",
+               503: "the queue is unavailable, or full"}
     return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
 
 
@@ -130,7 +132,7 @@ def openapi_document() -> dict[str, Any]:
                         "multipart/form-data": {"schema": upload}}},
                     "responses": {"202": {**_json(_ref("Job"), "queued"), "headers": {
                         "Location": {"schema": {"type": "string"}}}},
-                        **_errors(401, 413, 415, 422)}},
+                        **_errors(401, 413, 415, 422, 429, 503)}},
                 "get": {
                     "summary": "Recent jobs, newest first",
                     "parameters": [

@@ -167,3 +167,29 @@ def test_a_bad_blocklist_pattern_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="is not a regular expression"):
         load_config(write_config(tmp_path, "", queue='blocklist = ["(unclosed"]'))
+
+
+async def test_http_tokens_have_queued_and_daily_caps(tmp_path, redis_url):
+    config = load_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"\n'
+                       "max_queued = 2\nmax_jobs_per_day = 3"}))
+    queue = await QueueClient.open(redis_url)
+    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+        headers = {"Authorization": "Bearer t"}
+
+        async def post():
+            return await client.post("/jobs", json={"prompt": "a fox"}, headers=headers)
+
+        first, second = await post(), await post()
+        assert (first.status, second.status) == (202, 202)
+        capped = await post()
+        assert capped.status == 429
+        assert "2 jobs queued or running, its cap" in (await capped.json())["error"]["message"]
+        await client.delete(f"/jobs/{(await first.json())['id']}", headers=headers)
+        assert (await post()).status == 202  # room again: that is the third today
+        await client.delete(f"/jobs/{(await second.json())['id']}", headers=headers)
+        daily = await post()
+        assert daily.status == 429
+        assert "used its 3 jobs for today; the cap resets at midnight UTC" in \
+            (await daily.json())["error"]["message"]
+    await queue.close()

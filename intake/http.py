@@ -299,8 +299,7 @@ class HttpApi:
         if idempotency_key:
             existing = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
             if existing:
-                state, _ = await self._load(existing.decode(), caller)
-                return self._accepted(state, replayed=True)
+                return await self._replay(existing.decode(), caller)
 
         job_id = new_job_id()
         content_type = request.content_type
@@ -327,14 +326,16 @@ class HttpApi:
                        inputs=[p.name for p in uploads],
                        source=Source(channel=Channel.http, client=caller.name),
                        submitted_by=caller.name)
+        # The spec lands before the key and the key before the enqueue, so a daemon killed
+        # anywhere in between leaves either no key (the retry makes the job) or a key
+        # whose spec exists (the retry finishes queueing it): one job either way.
+        await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
         if idempotency_key and not await self.queue.redis.set(
                 _idem_key(caller.name, idempotency_key), job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
             # A concurrent retry with the same key won the race: answer with its job.
-            self._discard_uploads(job_id)
+            shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
             other = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
-            state, _ = await self._load(other.decode(), caller)
-            return self._accepted(state, replayed=True)
-        await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
+            return await self._replay(other.decode(), caller)
         try:
             await self.queue.enqueue(spec)
         except QueueFull as exc:
@@ -346,6 +347,18 @@ class HttpApi:
         log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
                  request_id=request[REQUEST_ID])
         return self._accepted(state)
+
+    async def _replay(self, job_id: str, caller: Caller) -> web.Response:
+        """Answer a retried POST with the job its key made. If the first attempt died
+        after writing the spec but before queueing it, queue it now (a no-op for a job
+        already queued or finished)."""
+        _, spec = await self._load(job_id, caller)
+        try:
+            await self.queue.enqueue(spec)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc)) from None
+        state, _ = await self._load(job_id, caller)
+        return self._accepted(state, replayed=True)
 
     async def _check_caps(self, caller: Caller) -> None:
         if caller.max_queued:

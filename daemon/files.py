@@ -13,8 +13,10 @@ from typing import Any
 
 
 def temp_name(path: Path) -> Path:
-    # Hidden and ending in .tmp, so the folder intake ignores it if it lands in a watch folder.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Hidden and ending in .tmp, so the folder intake ignores it in a watch folder. The
+    # same name every time: a writer killed mid-copy (SIGKILL skips any cleanup) leaves
+    # its partial file under the name the redo writes over, so none is left for good.
+    return path.with_name(f".{path.name}.tmp")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ previous start left it running. The binary comes from PATH, else from the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import shutil
@@ -72,7 +73,17 @@ class EmbeddedRedis:
             return False
 
     def start(self, timeout_s: float = 15.0) -> bool:
-        """Make sure the server runs. Returns True if this call started it."""
+        """Make sure the server runs. Returns True if this call started it.
+
+        Holds a lock file while it looks and starts: a daemon and a worker starting at
+        the same moment must not both start a server on the same data folder.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._start_locked(timeout_s)
+
+    def _start_locked(self, timeout_s: float) -> bool:
         if self.is_running():
             with self._client() as client:  # a config change applies to the running one too
                 client.config_set("appendfsync", self.appendfsync)

@@ -371,6 +371,16 @@ def _error_text(filename: str, reason: str, job_id: str | None, inbox: Path) -> 
     )
 
 
+def _record_plan(path: Path, plan: dict[str, object]) -> None:
+    """Keep the delivery plan in the job folder, so a redo uses the same names. On a
+    full state disk that fails: deliver anyway (to the inbox's own disk), since an
+    answer in failed/ matters more than perfect names on a redo."""
+    try:
+        files.write_json(path, plan)
+    except OSError as exc:
+        log.warning("could not record the delivery plan; delivering anyway", error=str(exc))
+
+
 def _delivery_finished(directory: Path) -> bool | None:
     plan = directory / "delivery.json"
     if not plan.exists():
@@ -422,7 +432,7 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
             names |= {"error": f"{stem}.error.txt"}
         plan = {"target": str(target), "files": {k: str(target / v) for k, v in names.items()},
                 "delivered": False}
-        files.write_json(plan_path, plan)
+        _record_plan(plan_path, plan)
 
     out = {k: Path(v) for k, v in plan["files"].items()}
     if outcome.status == JobStatus.done:
@@ -444,7 +454,7 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
         # The user removed it from the inbox meanwhile: answer with the copy we kept.
         files.copy_file(directory / "inputs" / request.name, out["request"])
     plan["delivered"] = True
-    files.write_json(plan_path, plan)
+    _record_plan(plan_path, plan)
     log.info("results delivered", job_id=spec.id, status=outcome.status,
              files=[p.name for p in out.values()])
     return plan["files"]

@@ -56,8 +56,13 @@ class JobContext:
         """Log to the process log and to the job's own ``log.jsonl``."""
         self._log.info(event, **fields)
         line = {"ts": datetime.now(UTC).isoformat(), "event": event, **fields}
-        with self._log_lock, open(self.dir / "log.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        try:
+            with self._log_lock, open(self.dir / "log.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        except OSError as exc:
+            # A full disk must not keep the job from reporting how it ended: the process
+            # log above still has the line.
+            self._log.warning("could not write the job log", error=str(exc))
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -52,7 +52,6 @@ def run_job_sync(
     """
     cancellation = cancellation or Cancellation()
     directory = job_dir(config.jobs_dir, spec.id)
-    directory.mkdir(parents=True, exist_ok=True)
     job = JobContext(
         spec=spec,
         dir=directory,
@@ -61,8 +60,10 @@ def run_job_sync(
         cancel_event=cancellation.event,
         queue_wait_s=queue_wait_s,
     )
-    job.log("job started", kind=spec.kind)
     try:
+        # Inside the try: on a full disk even this fails, and the job must fail visibly.
+        directory.mkdir(parents=True, exist_ok=True)
+        job.log("job started", kind=spec.kind)
         content.check([spec.prompt], config.queue.blocklist, "prompt")
         result = pipelines.load(spec.kind).run(job)
         outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports,
@@ -93,5 +94,8 @@ def run_job_sync(
             f"{directory / 'log.jsonl'}",
         )
     job.log("job finished", status=outcome.status, error=outcome.error)
-    outcome.write(directory)
+    try:
+        outcome.write(directory)
+    except OSError as exc:  # a full disk: Redis still records the outcome, delivery reads it
+        job.log("could not write result.json", error=str(exc))
     return outcome

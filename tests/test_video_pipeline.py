@@ -312,3 +312,14 @@ def test_bad_options_in_a_spec_fail_the_job_in_plain_words(tmp_path) -> None:
     outcome = run_job_sync(make_spec(fps=0), make_config(tmp_path))
     assert outcome.status == JobStatus.failed
     assert outcome.error.startswith("option 'fps'")
+
+
+@pytest.mark.parametrize("size", [64, 72])
+def test_the_smallest_documented_sizes_render(tmp_path, size) -> None:
+    """64 px is the documented minimum: the scene tag must not overhang such a frame."""
+    config = Config(state=StateConfig(dir=tmp_path / "var"))
+    spec = JobSpec(id=f"tiny{size}", kind="video", prompt="a red fox",
+                   options={"width": size, "height": size, "fps": 4, "duration": 3},
+                   source=Source(channel="cli"))
+    outcome = run_job_sync(spec, config)
+    assert outcome.status == "done", outcome.error

@@ -41,11 +41,15 @@ class Overlay:
     def apply(self, frame: np.ndarray, strength: float = 1.0) -> None:
         """Composite onto ``frame`` in place; ``strength`` < 1 fades the overlay."""
         region = frame[self.rows, self.columns]
+        # On a very small frame an overlay may overhang its edge: what is outside is cut.
+        height, width = region.shape[:2]
+        premultiplied = self.premultiplied[:height, :width]
+        inverse_alpha = self.inverse_alpha[:height, :width]
         if strength >= 1.0:
-            over(region, self.premultiplied, self.inverse_alpha)
+            over(region, premultiplied, inverse_alpha)
             return
-        faded_alpha = (255 - self.inverse_alpha.astype(np.float32)) * strength
-        over(region, (self.premultiplied * strength).astype(np.uint8),
+        faded_alpha = (255 - inverse_alpha.astype(np.float32)) * strength
+        over(region, (premultiplied * strength).astype(np.uint8),
              (255 - faded_alpha).astype(np.uint8))
 
 

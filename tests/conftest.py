@@ -108,18 +108,28 @@ class Process:
 
 
 @pytest.fixture
-def spawn(config_file: Path) -> Iterator[Callable[..., Process]]:
+def start() -> Iterator[Callable[..., Process]]:
+    """``start(config_file, "worker", "--name", "w1")``: a reelqueue process that is
+    stopped (SIGTERM, then SIGKILL) when the test ends, whatever happened."""
     started: list[Process] = []
 
-    def start(*args: str) -> Process:
+    def launch(config_file: Path, *args: str) -> Process:
         process = Process(config_file, *args)
         started.append(process)
         return process
 
-    yield start
+    yield launch
     for process in started:
         if process.popen.poll() is None:
             process.stop()
+        else:
+            process.handle.close()
+
+
+@pytest.fixture
+def spawn(config_file: Path, start: Callable[..., Process]) -> Callable[..., Process]:
+    """``spawn("daemon")``: ``start`` with the test's own config file."""
+    return lambda *args: start(config_file, *args)
 
 
 def free_port() -> int:

@@ -4,33 +4,12 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Process
-
 SMALL_DISK_MB = 20
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[..., Process]]:
-    """``start(config_file, "worker", "--name", "w1")``: a reelqueue process that is
-    stopped (SIGTERM, then SIGKILL) when the test ends, whatever happened."""
-    started: list[Process] = []
-
-    def launch(config_file: Path, *args: str) -> Process:
-        process = Process(config_file, *args)
-        started.append(process)
-        return process
-
-    yield launch
-    for process in started:
-        if process.popen.poll() is None:
-            process.stop()
-        else:
-            process.handle.close()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from daemon import files
+from workers import media
 from workers.context import JobContext
 from workers.fonts import covers, load_font
 from workers.pipelines import encode
@@ -119,11 +118,8 @@ def clip_key(
 
 
 def thumbnail_jpeg(frame: np.ndarray) -> bytes:
-    height = round(frame.shape[0] * THUMBNAIL_WIDTH / frame.shape[1])
-    small = cv2.resize(frame, (THUMBNAIL_WIDTH, max(1, height)), interpolation=cv2.INTER_AREA)
-    buffer = io.BytesIO()
-    Image.fromarray(small).save(buffer, format="JPEG", quality=80)
-    return buffer.getvalue()
+    """The scene's thumbnail for reports and digests."""
+    return media.jpeg_bytes(frame, THUMBNAIL_WIDTH)
 
 
 # --- one scene, frame by frame ----------------------------------------------------------

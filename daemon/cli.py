@@ -58,7 +58,7 @@ def _redis_url(config: Config) -> str:
 
 async def open_queue(config: Config) -> QueueClient:
     return await QueueClient.open(_redis_url(config), config.worker.keep_results,
-                                  config.queue.max_queued)
+                                  config.queue.max_queued, config.queue.interactive_lead)
 
 
 def _print_where(config: Config) -> None:
@@ -161,7 +161,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     _error(f"no job {args.job_id} (unknown, or its record expired)")
                     return 1
                 for key in ("id", "kind", "status", "stage", "percent", "message", "position",
-                            "error", "submitted_by", "channel", "worker", "attempt"):
+                            "error", "submitted_by", "channel", "priority", "worker", "attempt"):
                     if state.get(key) not in (None, ""):
                         console.print(f"{key:>13}: {state[key]}")
                 return 0

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.schedule import Priority
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
@@ -84,7 +86,7 @@ class FolderIntakeConfig(_Section):
     poll_interval: Duration = 1.0
     settle: Duration = 2.0
     max_file_mb: float = Field(default=1.0, gt=0)
-    priority: int = 0
+    priority: Priority = "batch"
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -103,6 +105,7 @@ class HttpToken(_Section):
     # Per-token caps, 0: none. Beyond them a POST gets 429 saying when to come back.
     max_queued: int = Field(default=0, ge=0)
     max_jobs_per_day: int = Field(default=0, ge=0)
+    priority: Priority = "interactive"
 
     @property
     def secret(self) -> str | None:
@@ -174,6 +177,9 @@ class QueueConfig(_Section):
     max_queued: int = Field(default=10_000, ge=0)
     # Jobs are held (not started) while the state or output folder has less free space.
     min_free_gb: float = Field(default=2.0, ge=0)
+    # Interactive jobs run before batch jobs unless the batch job was queued more than
+    # this much earlier: the age bonus that keeps a busy chat from starving a folder.
+    interactive_lead: Duration = 3600.0
     # Regular expressions (case-insensitive); a prompt or storyboard text matching one
     # fails its job with that reason.
     blocklist: list[str] = Field(default_factory=list)

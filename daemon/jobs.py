@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon import files
+from daemon.schedule import Priority
 
 MAX_PROMPT_CHARS = 10_000
 
@@ -66,7 +67,8 @@ class JobSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     source: Source
     submitted_by: str = ""
-    priority: int = 0
+    # Which class it queues in (daemon.schedule): interactive jobs go before batch ones.
+    priority: Priority = "interactive"
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -16,6 +16,9 @@ Keys (all under ``reelqueue:``):
 - ``chat:outbox``       messages for the chat bot to post (the morning digest), durable
 - ``deliveries``        list of job ids whose outcome awaits delivery to its channel
 - ``deliveries:active`` the ones a daemon is delivering right now (reliable-queue pattern)
+- ``served``            per class and submitter, the turn it was last served (round robin)
+
+New jobs wait *parked* in arq's queue until a worker releases them: see daemon.schedule.
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ from typing import Any
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, default_queue_name, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import Job
 from arq.jobs import JobStatus as ArqJobStatus
 from redis.exceptions import RedisError
 
+from daemon import schedule
 from daemon.jobs import JobError, JobSpec, JobStatus
+from daemon.schedule import PARKED_BASE_MS, PREFIX, QUEUE_NAME
 
-PREFIX = "reelqueue:"
-QUEUE_NAME = default_queue_name
 RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
 WORKERS_KEY = PREFIX + "workers"
@@ -116,15 +119,16 @@ class QueueClient:
     """Everything the daemon, CLI and worker need from Redis, in one place."""
 
     def __init__(self, redis: ArqRedis, keep_results_s: float = 7 * 86400,
-                 max_queued: int = 0):
+                 max_queued: int = 0, interactive_lead_s: float = 3600.0):
         self.redis = redis
         self.keep_results_s = keep_results_s
         self.max_queued = max_queued  # 0: no cap
+        self.interactive_lead_s = interactive_lead_s  # only for telling queue positions
 
     @classmethod
     async def open(cls, url: str, keep_results_s: float = 7 * 86400,
-                   max_queued: int = 0) -> QueueClient:
-        return cls(await connect(url), keep_results_s, max_queued)
+                   max_queued: int = 0, interactive_lead_s: float = 3600.0) -> QueueClient:
+        return cls(await connect(url), keep_results_s, max_queued, interactive_lead_s)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -135,7 +139,8 @@ class QueueClient:
         """Queue a job whose spec.json is already in its directory.
 
         The arq job id is the reelqueue job id, so a second enqueue of the same id is
-        refused by arq and reported here as ``accepted=False``.
+        refused by arq and reported here as ``accepted=False``. The job waits parked
+        until a worker releases it (daemon.schedule).
         """
         key = state_key(spec.id)
         created = spec.created_at.timestamp()
@@ -156,6 +161,7 @@ class QueueClient:
                 "kind": spec.kind,
                 "channel": spec.source.channel,
                 "submitted_by": spec.submitted_by,
+                "priority": spec.priority,
                 "prompt": spec.prompt[:200],
                 "created_at": str(created),
                 "stage": "queued",
@@ -164,8 +170,11 @@ class QueueClient:
             })
             await self.redis.zadd(RECENT_KEY, {spec.id: created})
             await self.redis.zadd(recent_key(spec.submitted_by), {spec.id: created})
+        parked_until = datetime.fromtimestamp(
+            schedule.parked_score(int(created * 1000)) / 1000, UTC)
         job = await self.redis.enqueue_job(
-            RUN_FUNCTION, spec.id, _job_id=spec.id, _expires=JOB_EXPIRY_S
+            RUN_FUNCTION, spec.id, _job_id=spec.id, _expires=JOB_EXPIRY_S,
+            _defer_until=parked_until,
         )
         position = await self.queue_position(spec.id)
         if job is not None:
@@ -174,14 +183,19 @@ class QueueClient:
 
     # --- live state -------------------------------------------------------------------
 
-    async def get_state(self, job_id: str) -> dict[str, Any] | None:
+    async def get_state(self, job_id: str,
+                        positions: dict[str, int] | None = None) -> dict[str, Any] | None:
+        """A job's live state; a queued one's includes its ``position`` (from
+        ``positions`` when the caller already has them)."""
         raw = await self.redis.hgetall(state_key(job_id))
         if not raw:
             return None
         state: dict[str, Any] = _decode(raw)
         state["percent"] = float(state.get("percent") or 0)
         if state.get("status") == JobStatus.queued:
-            state["position"] = await self.queue_position(job_id)
+            if positions is None:
+                positions = await self.queue_positions()
+            state["position"] = positions.get(job_id)
         return state
 
     async def update_state(self, job_id: str, **fields: Any) -> None:
@@ -218,27 +232,33 @@ class QueueClient:
 
     async def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when not waiting in the queue."""
-        if await self.redis.exists(in_progress_key_prefix + job_id):
-            return None
-        rank = await self.redis.zrank(QUEUE_NAME, job_id)
-        if rank is None:
-            return None
-        # Running jobs stay in arq's queue until they finish: don't count those ahead.
-        # There are only as many as there are workers, so ask about each one.
-        running = [beat["job_id"] for beat in await self.workers() if beat.get("job_id")]
-        ahead = 0
-        for other in running:
-            other_rank = await self.redis.zrank(QUEUE_NAME, other)
-            if other_rank is not None and other_rank < rank:
-                ahead += 1
-        return rank + 1 - ahead
+        return (await self.queue_positions()).get(job_id)
+
+    async def queue_positions(self) -> dict[str, int]:
+        """Every waiting job's place in line, 1 for the next to start.
+
+        First the jobs already released to the workers (and jobs held for a retry), in
+        arq's order, then the parked ones in the order the policy would release them.
+        """
+        unparked = await self.redis.zrangebyscore(QUEUE_NAME, "-inf", f"({PARKED_BASE_MS}")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in unparked:
+                pipe.exists(in_progress_key_prefix + raw.decode())
+            # Running jobs stay in arq's queue until they finish: they are not waiting.
+            running = await pipe.execute()
+        line = [raw.decode() for raw, busy in zip(unparked, running, strict=True) if not busy]
+        line += schedule.dispatch_order(await schedule.parked_jobs(self.redis),
+                                        await schedule.served_turns(self.redis),
+                                        int(self.interactive_lead_s * 1000))
+        return {job_id: place for place, job_id in enumerate(line, start=1)}
 
     async def active_jobs(self, submitted_by: str, scan: int = 200) -> list[dict[str, Any]]:
         """The submitter's queued and running jobs, newest first (among their last
         ``scan`` jobs)."""
         active = []
+        positions = await self.queue_positions()
         for raw in await self.redis.zrevrange(recent_key(submitted_by), 0, scan - 1):
-            state = await self.get_state(raw.decode())
+            state = await self.get_state(raw.decode(), positions)
             if state and state["status"] in (JobStatus.queued, JobStatus.running):
                 active.append(state)
         return active
@@ -269,6 +289,7 @@ class QueueClient:
         upper = f"({cursor}" if cursor else "+inf"
         page: list[dict[str, Any]] = []
         last_score: float | None = None
+        positions = await self.queue_positions()
         while len(page) < limit:
             batch = await self.redis.zrevrangebyscore(key, upper, "-inf", start=0,
                                                       num=max(limit, 50), withscores=True)
@@ -277,7 +298,7 @@ class QueueClient:
             for raw_id, score in batch:
                 last_score = score
                 upper = f"({score!r}"
-                state = await self.get_state(raw_id.decode())
+                state = await self.get_state(raw_id.decode(), positions)
                 if state is None:  # its record expired: drop it from the index too
                     await self.redis.zrem(key, raw_id)
                     continue
@@ -295,8 +316,9 @@ class QueueClient:
         if JobStatus(state["status"]).finished:
             return "finished"
         job = Job(job_id, self.redis, _queue_name=QUEUE_NAME)
-        if await job.status() == ArqJobStatus.queued:
-            # Not started: take it out of the queue and answer the sender now.
+        if await job.status() in (ArqJobStatus.queued, ArqJobStatus.deferred):
+            # Not started (parked, released or held): take it out of the queue and
+            # answer the sender now.
             removed = await self.redis.zrem(QUEUE_NAME, job_id)
             if removed:
                 await self.redis.delete(job_key_prefix + job_id)

@@ -46,6 +46,7 @@ from daemon.jobs import (
 )
 from daemon.logs import get_logger
 from daemon.queue import QueueClient, QueueFull, seconds_to_utc_midnight
+from daemon.schedule import Priority
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
@@ -67,6 +68,7 @@ class Caller:
     role: str
     max_queued: int = 0
     max_jobs_per_day: int = 0
+    priority: Priority = "interactive"
 
     @property
     def is_admin(self) -> bool:
@@ -173,7 +175,8 @@ class HttpApi:
                 match = token
         if match is None:
             raise ApiError(401, "unknown token")
-        caller = Caller(match.name, match.role, match.max_queued, match.max_jobs_per_day)
+        caller = Caller(match.name, match.role, match.max_queued, match.max_jobs_per_day,
+                        match.priority)
         request[CALLER] = caller.name
         return caller
 
@@ -240,6 +243,7 @@ class HttpApi:
             "prompt": state.get("prompt", ""),
             "submitted_by": state.get("submitted_by", ""),
             "channel": state.get("channel", ""),
+            "priority": state.get("priority", "interactive"),
             "created_at": _float(state.get("created_at")),
             "started_at": _float(state.get("started_at")),
             "finished_at": _float(state.get("finished_at")),
@@ -325,7 +329,7 @@ class HttpApi:
         spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options,
                        inputs=[p.name for p in uploads],
                        source=Source(channel=Channel.http, client=caller.name),
-                       submitted_by=caller.name)
+                       submitted_by=caller.name, priority=caller.priority)
         # The spec lands before the key and the key before the enqueue, so a daemon killed
         # anywhere in between leaves either no key (the retry makes the job) or a key
         # whose spec exists (the retry finishes queueing it): one job either way.

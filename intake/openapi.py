@@ -69,7 +69,10 @@ def openapi_document() -> dict[str, Any]:
             "id": {"type": "string"},
             "kind": {"type": "string"},
             "status": {"type": "string", "enum": list(JobStatus.__members__)},
-            "position": {"type": ["integer", "null"], "description": "1: next to start"},
+            "position": {"type": ["integer", "null"],
+                         "description": "1: next to start, in the queue policy's order"},
+            "priority": {"type": "string", "enum": ["interactive", "batch"],
+                         "description": "queue class: interactive jobs run first"},
             "progress": {"type": "object", "properties": {
                 "stage": {"type": "string"}, "percent": {"type": "number"},
                 "message": {"type": "string"}}},

@@ -10,7 +10,9 @@ heartbeats, progress and cancel requests. Around arq's own bookkeeping this adds
 - a crash budget: a job that kept killing its worker fails visibly after
   ``[worker] max_tries`` starts instead of crash-looping;
 - graceful stop: on SIGTERM/SIGINT the job stops at its next checkpoint (finished
-  scene clips stay) and goes back to the queue for the next start.
+  scene clips stay) and goes back to the queue for the next start;
+- the queue policy: new jobs wait parked, and an idle worker releases the one that
+  should run next (priorities, age bonus, round robin; see daemon.schedule).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from daemon.queue import (
     running_key,
     worker_key,
 )
+from daemon.schedule import release_next
 from workers import gpu
 from workers.gpu import device_name
 from workers.runner import Cancellation, Interrupted, run_job_sync
@@ -145,7 +148,8 @@ async def _heartbeat_loop(state: WorkerState) -> None:
 
 async def startup(ctx: dict[str, Any]) -> None:
     state: WorkerState = ctx["reelqueue"]
-    state.queue = QueueClient(ctx["redis"], keep_results_s=state.config.worker.keep_results)
+    state.queue = QueueClient(ctx["redis"], keep_results_s=state.config.worker.keep_results,
+                              interactive_lead_s=state.config.queue.interactive_lead)
     state.device = await asyncio.to_thread(device_name)
     await state.queue.redis.sadd(WORKERS_KEY, state.name)
     await _beat(state)
@@ -316,10 +320,29 @@ def low_disk_space(config: Config, spec: JobSpec) -> str:
     return ""
 
 
+class PolicyWorker(Worker):
+    """arq's worker, releasing the next parked job whenever it is about to look for one.
+
+    Hooks arq's poll step (``_poll_iteration``, arq is pinned in constraints.txt) so a
+    released job is started in the same breath, without a second polling loop.
+    """
+
+    def __init__(self, *args: Any, interactive_lead_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.interactive_lead_s = interactive_lead_s
+
+    async def _poll_iteration(self) -> None:
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            job_id = await release_next(self.pool, self.interactive_lead_s)
+            if job_id:
+                log.debug("released the next job", job_id=job_id)
+        await super()._poll_iteration()
+
+
 def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:
     """Build the arq worker for ``config``; call ``.run()`` on it."""
     state = WorkerState(config=config, name=name or config.worker.name or default_worker_name())
-    worker = Worker(
+    worker = PolicyWorker(
         functions=[func(run_job, name=RUN_FUNCTION, max_tries=10_000)],  # we count tries
         queue_name=QUEUE_NAME,
         redis_settings=redis_settings(redis_url),
@@ -334,6 +357,7 @@ def create_worker(config: Config, redis_url: str, name: str | None = None) -> Wo
         cron_jobs=[cron(write_morning_digest, hour=config.digest.hour_minute[0],
                         minute=config.digest.hour_minute[1])] if config.digest.enabled else [],
         ctx={"reelqueue": state},
+        interactive_lead_s=config.queue.interactive_lead,
     )
     state.arq_worker = worker
     return worker

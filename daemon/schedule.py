@@ -1,0 +1,162 @@
+"""Which waiting job runs next: priorities, an age bonus and round robin between
+submitters, on top of arq's queue.
+
+arq runs jobs in score order, and a score in the future means "not yet". So new jobs
+are *parked*: enqueued with a score far in the future (``PARKED_BASE_MS`` plus their
+creation time), where arq leaves them alone. An idle worker *releases* one parked job
+at a time, the one this policy picks, by moving its score to now; arq then starts it
+as usual. Everything else (job records, retries, aborts, results, crash recovery)
+stays arq's, and a parked job is an ordinary arq job the whole time, so nothing is
+lost between the two states.
+
+The policy, as ``dispatch_order`` computes it:
+
+- two classes, ``interactive`` (chat, HTTP, CLI by default) and ``batch`` (folders by
+  default); each folder and HTTP token can choose;
+- an interactive job runs before a batch job, unless the batch job was queued more
+  than ``[queue] interactive_lead`` earlier (the age bonus: a busy chat cannot starve
+  a folder forever);
+- within a class, round robin between submitters (whoever was served least recently
+  goes next), first come first served within a submitter's own jobs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from arq.connections import ArqRedis
+from arq.constants import default_queue_name, in_progress_key_prefix
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+
+# Year 2286 in ms: a score arq will not reach, with room below 2**53 to add a
+# creation time exactly.
+PARKED_BASE_MS = 10**13
+QUEUE_NAME = default_queue_name
+PREFIX = "reelqueue:"
+SERVED_KEY = PREFIX + "served"  # hash "<class>:<submitter>" -> turn it was last served
+TURN_KEY = PREFIX + "served:turn"  # counter of releases, the clock of the round robin
+
+
+def parked_score(created_ms: int) -> int:
+    return PARKED_BASE_MS + created_ms
+
+
+def is_parked(score: float) -> bool:
+    return score >= PARKED_BASE_MS
+
+
+@dataclass(frozen=True)
+class Waiting:
+    job_id: str
+    priority: Priority
+    submitter: str
+    created_ms: int
+
+
+def _turn_key(priority: str, submitter: str) -> str:
+    return f"{priority}:{submitter}"
+
+
+def dispatch_order(waiting: list[Waiting], served: dict[str, int],
+                   interactive_lead_ms: int) -> Iterator[str]:
+    """The ids of ``waiting`` jobs in the order they would be released.
+
+    ``served`` maps "<class>:<submitter>" to the turn that submitter was last served
+    (missing: never). The order holds as long as no job arrives or leaves meanwhile.
+    """
+    lead = {"interactive": 0, "batch": interactive_lead_ms}
+    queues: dict[str, dict[str, deque[Waiting]]] = defaultdict(dict)
+    for job in sorted(waiting, key=lambda j: (j.created_ms, j.job_id)):
+        queues[job.priority].setdefault(job.submitter, deque()).append(job)
+    # Per class, submitters by (last served turn, their oldest job): the round robin.
+    turns = {
+        priority: [(served.get(_turn_key(priority, who), 0), jobs[0].created_ms, who)
+                   for who, jobs in by_submitter.items()]
+        for priority, by_submitter in queues.items()
+    }
+    for heap in turns.values():
+        heapq.heapify(heap)
+    turn = max(served.values(), default=0)
+    while any(turns.values()):
+        # The class whose oldest job, plus its handicap, is oldest goes first.
+        priority = min(
+            (p for p in PRIORITIES if turns.get(p)),
+            key=lambda p: min(jobs[0].created_ms for jobs in queues[p].values()) + lead[p],
+        )
+        _, _, who = heapq.heappop(turns[priority])
+        jobs = queues[priority][who]
+        yield jobs.popleft().job_id
+        turn += 1
+        if jobs:
+            heapq.heappush(turns[priority], (turn, jobs[0].created_ms, who))
+        else:
+            del queues[priority][who]
+
+
+async def parked_jobs(redis: ArqRedis) -> list[Waiting]:
+    """The parked jobs with what the policy needs to know of each."""
+    parked = await redis.zrangebyscore(QUEUE_NAME, PARKED_BASE_MS, "+inf", withscores=True)
+    if not parked:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for raw_id, _ in parked:
+            pipe.hmget(f"{PREFIX}job:{raw_id.decode()}", "priority", "submitted_by")
+        fields = await pipe.execute()
+    waiting = []
+    for (raw_id, score), (priority, submitter) in zip(parked, fields, strict=True):
+        waiting.append(Waiting(
+            job_id=raw_id.decode(),
+            priority="batch" if priority == b"batch" else "interactive",
+            submitter=submitter.decode() if submitter else "",
+            created_ms=int(score) - PARKED_BASE_MS,
+        ))
+    return waiting
+
+
+async def served_turns(redis: ArqRedis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in (await redis.hgetall(SERVED_KEY)).items()}
+
+
+async def released_waiting(redis: ArqRedis) -> list[str]:
+    """Jobs arq may start now that no worker has started yet, in arq's order."""
+    now_ms = int(time.time() * 1000)
+    due = await redis.zrangebyscore(QUEUE_NAME, "-inf", now_ms, start=0, num=50)
+    if not due:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for raw in due:
+            pipe.exists(in_progress_key_prefix + raw.decode())
+        started = await pipe.execute()
+    return [raw.decode() for raw, busy in zip(due, started, strict=True) if not busy]
+
+
+async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None:
+    """Called by an idle worker before it looks at the queue: unless a job is already
+    waiting to be started, release the parked job the policy picks. Returns its id.
+
+    Two idle workers may release at the same moment; each then starts one of the two
+    jobs, which is what two idle workers should do anyway.
+    """
+    if await released_waiting(redis):
+        return None
+    waiting = await parked_jobs(redis)
+    if not waiting:
+        return None
+    served = await served_turns(redis)
+    job = next(dispatch_order(waiting, served, int(interactive_lead_s * 1000)))
+    chosen = next(w for w in waiting if w.job_id == job)
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=True) as pipe:
+        # XX: a job cancelled since we looked stays gone.
+        pipe.zadd(QUEUE_NAME, {job: now_ms}, xx=True)
+        pipe.incr(TURN_KEY)
+        turn, = (await pipe.execute())[1:]
+    await redis.hset(SERVED_KEY, _turn_key(chosen.priority, chosen.submitter), turn)
+    return job

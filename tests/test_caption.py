@@ -7,10 +7,12 @@ import json
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
 
 from daemon.config import CaptionConfig, Config, StateConfig
 from daemon.jobs import JobSpec, Source, job_dir, validate_request
 from tests.tiny_git import WORDS, build_tiny_git
+from workers import gpu
 from workers.pipelines import caption
 from workers.runner import run_job_sync
 
@@ -18,6 +20,11 @@ from workers.runner import run_job_sync
 @pytest.fixture(scope="module")
 def tiny_git(tmp_path_factory):
     return build_tiny_git(tmp_path_factory.mktemp("models") / "git-tiny")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_residency(monkeypatch):
+    monkeypatch.setattr(gpu, "RESIDENT", gpu.Residency())
 
 
 def two_shot_video(path, fps=8, seconds_per_shot=2):
@@ -62,6 +69,54 @@ def test_per_shot_captions_can_be_switched_off(tmp_path, tiny_git):
     outcome, directory = run_caption(tmp_path, tiny_git, per_shot=False)
     assert outcome.status == "done", outcome.error
     assert len((directory / caption.OUTPUT_FILE).read_text().splitlines()) == 1
+
+
+def test_the_model_stays_resident_between_jobs(tmp_path, tiny_git, monkeypatch):
+    loads = []
+    real_load = caption._load
+
+    def counted_load(model_dir, *args):
+        loads.append(model_dir)
+        return real_load(model_dir, *args)
+
+    monkeypatch.setattr(caption, "_load", counted_load)
+    for name in ("a", "b"):
+        outcome, _ = run_caption(tmp_path / name, tiny_git, per_shot=False)
+        assert outcome.status == "done", outcome.error
+    assert loads == [tiny_git]  # one from_pretrained for both jobs
+    resident = gpu.RESIDENT.get(caption.ROLE)
+    assert resident.model_path == tiny_git.resolve() and resident.rung is gpu.Rung.ON_DEVICE
+    assert isinstance(resident.model, caption.Captioner) and resident.need.total > 0
+
+
+def test_another_caption_model_replaces_the_first_and_release_frees_it(tmp_path, tiny_git):
+    other = build_tiny_git(tmp_path / "git-tiny-other")
+    run_caption(tmp_path / "a", tiny_git, per_shot=False)
+    first = gpu.RESIDENT.get(caption.ROLE)
+    outcome, _ = run_caption(tmp_path / "b", other, per_shot=False)
+    assert outcome.status == "done", outcome.error
+    assert first.model is None  # evicted before the other model loaded
+    assert gpu.RESIDENT.get(caption.ROLE).model_path == other.resolve()
+    gpu.release_memory()  # what a command kind with its own models asks for
+    assert gpu.RESIDENT.get(caption.ROLE) is None
+
+
+def test_the_video_model_parks_a_resident_captioner_when_it_needs_the_room(
+        tmp_path, tiny_git, monkeypatch):
+    run_caption(tmp_path, tiny_git, per_shot=False)
+    captioner = gpu.RESIDENT.get(caption.ROLE)
+    # Pretend the captioner sits on a card with room for one model of its size.
+    captioner.device = torch.device("cuda")
+    card = captioner.need.total
+    monkeypatch.setattr(gpu, "available_bytes", lambda settings, device: card - sum(
+        r.vram_bytes for r in gpu.RESIDENT._slots.values()))
+    monkeypatch.setattr(gpu, "memory_need", lambda path, dtype: gpu.MemoryNeed(
+        path, (gpu.ComponentSize("transformer", card, 0, 0, 0),)))
+
+    video = gpu.RESIDENT.acquire("video", tmp_path / "wan", dtype=torch.float32,
+                                 device=torch.device("cpu"), settings=gpu.GpuSettings(),
+                                 load=lambda rung: object())
+    assert captioner.parked and video.resident.rung is gpu.Rung.ON_DEVICE
 
 
 def test_shot_detection_and_even_sampling():

@@ -159,7 +159,7 @@ def test_a_resident_model_is_reused_and_a_new_one_evicts_it(tmp_path_factory):
     _, switched = render(scene(), ltx)
     gc.collect()
     assert not switched.reused_model and pipe() is None  # the Wan pipeline is gone
-    assert gpu.RESIDENT.get(diffusion.ROLE).model_dir.name == "tiny-ltx"
+    assert gpu.RESIDENT.get(diffusion.ROLE).model_path.name == "tiny-ltx"
 
 
 @pytest.mark.parametrize("rung", gpu.ladder_for(torch.device("cpu")))
@@ -230,7 +230,7 @@ def test_a_separate_image_to_video_model_continues_the_next_scene(tmp_path_facto
     assert continued.pipeline == "WanImageToVideoPipeline"
     # 3 s at 16 fps: 47 new frames after the given one; at most 81 per generation.
     assert continued.generations == [49]
-    assert gpu.RESIDENT.get(diffusion.CONTINUITY_ROLE).model_dir.name == "tiny-wan-i2v"
+    assert gpu.RESIDENT.get(diffusion.CONTINUITY_ROLE).model_path.name == "tiny-wan-i2v"
 
 
 @pytest.mark.slow

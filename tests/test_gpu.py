@@ -96,6 +96,17 @@ def test_a_transformers_folder_counts_its_own_weights_and_skips_variants(tmp_pat
     assert [c.total for c in need.components] == [100 * 4 + 4 * 8]
 
 
+def test_a_single_weight_file_counts_itself(tmp_path):
+    header = json.dumps({"w": {"dtype": "F16", "shape": [10, 10], "data_offsets": [0, 200]}})
+    weights = tmp_path / "x4.safetensors"
+    weights.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(200))
+    need = gpu.memory_need(weights, torch.float32)
+    assert [(c.name, c.total) for c in need.components] == [("x4", 100 * 4)]
+    pickle = tmp_path / "RealESRGAN_x4plus.pth"  # no header: counted as fp32 storage
+    pickle.write_bytes(bytes(1000))
+    assert gpu.memory_need(pickle, torch.float16).total == 500
+
+
 def need_of(total_gb: float, largest_gb: float, block_gb: float) -> MemoryNeed:
     components = (ComponentSize("transformer", int(largest_gb * GB), int(block_gb * GB),
                                 int(0.1 * GB), int(0.05 * GB)),

@@ -4,13 +4,17 @@ spandrel loads ESRGAN-family .pth files; it needs a torchvision build that match
 torch, which PyPI does not have for the CPU torch used here. So: the loader's own
 errors are tested everywhere, the real spandrel load runs where spandrel imports (GPU
 hosts, `pip install 'reelqueue[gpu]'`), and the image and video paths are tested here
-with spandrel's one call replaced by the tiny RRDBNet it would have returned.
+with spandrel's one call replaced by the tiny RRDBNet it would have returned; the rest
+of the load (residency, dtype) is the real code.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import types
+from dataclasses import dataclass
 
 import imageio_ffmpeg
 import numpy as np
@@ -20,7 +24,7 @@ import torch
 from daemon.config import Config, StateConfig, UpscaleConfig
 from daemon.jobs import JobSpec, Source, job_dir, validate_request
 from tests.rrdbnet import RRDBNet
-from workers import media
+from workers import gpu, media
 from workers.pipelines import upscale
 from workers.runner import run_job_sync
 
@@ -37,12 +41,52 @@ def run_upscale(tmp_path, name, write_input, model_path=None, **options):
     return run_job_sync(spec, config), job_dir(config.jobs_dir, spec.id)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_residency(monkeypatch):
+    monkeypatch.setattr(gpu, "RESIDENT", gpu.Residency())
+
+
+@dataclass
+class Descriptor:
+    """What the upscale kind reads of a ``spandrel.ImageModelDescriptor``."""
+
+    model: torch.nn.Module
+    scale: int = 4
+    input_channels: int = 3
+    supports_half: bool = True
+    supports_bfloat16: bool = True
+
+
 @pytest.fixture
-def tiny_upscaler(monkeypatch):
-    model = RRDBNet(blocks=1, features=8, growth=4).eval()
-    monkeypatch.setattr(upscale, "load_upscaler",
-                        lambda settings, half: (model, 4, torch.float32))
-    return model
+def fake_spandrel(monkeypatch):
+    """spandrel as the upscale kind uses it: a .pth → the tiny RRDBNet saved in it. The
+    list it returns grows by the path of every load."""
+    loads = []
+
+    class ModelLoader:
+        def __init__(self, device):
+            self.device = device
+
+        def load_from_file(self, path):
+            loads.append(path)
+            model = RRDBNet(blocks=1, features=8, growth=4)
+            model.load_state_dict(torch.load(path))
+            return Descriptor(model.to(self.device))
+
+    module = types.ModuleType("spandrel")
+    module.ModelLoader, module.ImageModelDescriptor = ModelLoader, Descriptor
+    monkeypatch.setitem(sys.modules, "spandrel", module)
+    return loads
+
+
+@pytest.fixture
+def tiny_x4(tmp_path):
+    return tiny_model_file(tmp_path / "tiny_x4.pth")
+
+
+def tiny_model_file(path):
+    torch.save(RRDBNet(blocks=1, features=8, growth=4).state_dict(), path)
+    return path
 
 
 def rgba16(path):
@@ -53,8 +97,9 @@ def rgba16(path):
     media.write_png(path, image)
 
 
-def test_a_16_bit_image_with_alpha_comes_back_16_bit_with_alpha(tmp_path, tiny_upscaler):
-    outcome, directory = run_upscale(tmp_path, "photo.png", rgba16)
+def test_a_16_bit_image_with_alpha_comes_back_16_bit_with_alpha(tmp_path, fake_spandrel,
+                                                                 tiny_x4):
+    outcome, directory = run_upscale(tmp_path, "photo.png", rgba16, model_path=tiny_x4)
     assert outcome.status == "done", outcome.error
     result = media.read_image(directory / upscale.IMAGE_OUTPUT)
     assert result.dtype == np.uint16 and result.shape == (84, 140, 4)
@@ -66,7 +111,8 @@ def test_a_16_bit_image_with_alpha_comes_back_16_bit_with_alpha(tmp_path, tiny_u
     assert report["tiles"] == 2  # 21×35 in 32 px tiles
 
 
-def test_a_video_is_upscaled_frame_by_frame_and_keeps_its_audio(tmp_path, tiny_upscaler):
+def test_a_video_is_upscaled_frame_by_frame_and_keeps_its_audio(tmp_path, fake_spandrel,
+                                                                 tiny_x4):
     def clip_with_audio(path):
         ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
         subprocess.run([ffmpeg, "-v", "error", "-f", "lavfi", "-i", "testsrc=size=32x24:rate=8",
@@ -74,7 +120,7 @@ def test_a_video_is_upscaled_frame_by_frame_and_keeps_its_audio(tmp_path, tiny_u
                         "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
                        check=True)
 
-    outcome, directory = run_upscale(tmp_path, "clip.mp4", clip_with_audio)
+    outcome, directory = run_upscale(tmp_path, "clip.mp4", clip_with_audio, model_path=tiny_x4)
     assert outcome.status == "done", outcome.error
     out = directory / upscale.VIDEO_OUTPUT
     reader = imageio_ffmpeg.read_frames(str(out))
@@ -85,6 +131,37 @@ def test_a_video_is_upscaled_frame_by_frame_and_keeps_its_audio(tmp_path, tiny_u
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)],
                            capture_output=True, text=True).stderr
     assert "Audio: aac" in probe
+
+
+def test_the_model_stays_resident_between_jobs_and_another_file_replaces_it(
+        tmp_path, fake_spandrel, tiny_x4):
+    for name in ("a", "b"):
+        outcome, _ = run_upscale(tmp_path / name, "photo.png", rgba16, model_path=tiny_x4)
+        assert outcome.status == "done", outcome.error
+    assert fake_spandrel == [str(tiny_x4)]  # loaded once, for both jobs
+    first = gpu.RESIDENT.get(upscale.ROLE)
+    assert first.model_path == tiny_x4.resolve() and first.rung is gpu.Rung.ON_DEVICE
+    # The residency knows what the weights take (a .pth counts as fp32): it can make
+    # room for them, or park them for another role's model.
+    assert first.need.total == tiny_x4.stat().st_size
+
+    other = tiny_model_file(tmp_path / "other_x4.pth")
+    outcome, _ = run_upscale(tmp_path / "c", "photo.png", rgba16, model_path=other)
+    assert outcome.status == "done", outcome.error
+    assert first.model is None  # evicted before the other file loaded
+    assert gpu.RESIDENT.get(upscale.ROLE).model_path == other.resolve()
+    gpu.release_memory()  # what a command kind with its own models asks for
+    assert gpu.RESIDENT.get(upscale.ROLE) is None
+
+
+def test_half_precision_falls_back_to_what_the_architecture_runs():
+    both, fp16_only = Descriptor(None), Descriptor(None, supports_bfloat16=False)
+    neither = Descriptor(None, supports_half=False, supports_bfloat16=False)
+    assert upscale._runnable_dtype(torch.bfloat16, both) == torch.bfloat16
+    assert upscale._runnable_dtype(torch.bfloat16, fp16_only) == torch.float16
+    assert upscale._runnable_dtype(torch.bfloat16, neither) == torch.float32
+    assert upscale._runnable_dtype(torch.float16, neither) == torch.float32
+    assert upscale._runnable_dtype(torch.float32, both) == torch.float32
 
 
 def test_no_model_configured_or_missing_file_says_how_to_install(tmp_path):

@@ -9,9 +9,10 @@ memory ladder, the models kept resident between jobs, and a health counter.
   offload, group offload (block level, on a side stream), sequential offload. A CUDA
   out-of-memory error frees the model, steps one rung down and the caller retries.
 - ``RESIDENT`` keeps models loaded between jobs, one per role ("video", "storyboard",
-  …): a job on a resident model spends no time loading; a new model for a role evicts
-  the old one first; a model in another role is moved off the GPU ("parked" in host
-  memory) only when the one about to run needs the room.
+  "caption", "upscale", …): every built-in kind that loads weights goes through it, so
+  it sees all they hold on the GPU. A job on a resident model spends no time loading; a
+  new model for a role evicts the old one first; a model in another role is moved off
+  the GPU ("parked" in host memory) only when the one about to run needs the room.
 - ``HEALTH`` counts GPU failures in a row; after a few the worker should stop taking
   jobs rather than fail every job in the queue.
 
@@ -298,7 +299,7 @@ class ComponentSize:
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    model_dir: Path
+    model_path: Path
     components: tuple[ComponentSize, ...]
 
     @property
@@ -320,30 +321,33 @@ class MemoryNeed:
         return max(c.largest_tensor for c in self.components)
 
 
-def memory_need(model_dir: Path, dtype: torch.dtype) -> MemoryNeed:
-    """Estimate what ``model_dir`` takes in ``dtype`` from its weight files alone.
+def memory_need(model_path: Path, dtype: torch.dtype) -> MemoryNeed:
+    """Estimate what the model at ``model_path`` takes in ``dtype`` from its weight
+    files alone.
 
     Safetensors headers give every tensor's dtype and shape, so floating-point tensors
     are counted at the size of ``dtype`` (a bf16 model loaded in fp32 needs twice its
-    file size). ``.bin`` files cannot be read without loading them: they count as fp32.
-    A diffusers pipeline counts the components its ``model_index.json`` lists; any
-    other directory counts its own top-level weights.
+    file size). ``.bin`` and ``.pth`` files cannot be read without loading them: they
+    count as fp32. A diffusers pipeline counts the components its ``model_index.json``
+    lists; any other directory counts its own top-level weights, and a single weight
+    file (an ESRGAN ``.pth``) counts itself.
     """
     itemsize = dtype.itemsize
-    index = model_dir / "model_index.json"
-    if index.is_file():
+    if model_path.is_file():
+        parts = [(model_path.stem, [model_path])]
+    elif (index := model_path / "model_index.json").is_file():
         names = [name for name, value in json.loads(index.read_text()).items()
-                 if isinstance(value, list) and (model_dir / name).is_dir()]
-        folders = [(name, model_dir / name) for name in names]
+                 if isinstance(value, list) and (model_path / name).is_dir()]
+        parts = [(name, _weight_files(model_path / name)) for name in names]
     else:
-        folders = [(model_dir.name, model_dir)]
-    sizes = [_component_size(name, folder, itemsize) for name, folder in folders]
-    return MemoryNeed(model_dir, tuple(size for size in sizes if size.total))
+        parts = [(model_path.name, _weight_files(model_path))]
+    sizes = [_component_size(name, paths, itemsize) for name, paths in parts]
+    return MemoryNeed(model_path, tuple(size for size in sizes if size.total))
 
 
-def _component_size(name: str, folder: Path, itemsize: int) -> ComponentSize:
+def _component_size(name: str, paths: list[Path], itemsize: int) -> ComponentSize:
     tensors: dict[str, int] = {}
-    for path in _weight_files(folder):
+    for path in paths:
         if path.suffix == ".safetensors":
             tensors.update(_safetensors_sizes(path, itemsize))
         else:  # a pickle: no header to read; assume fp32 storage
@@ -521,7 +525,7 @@ class Resident:
     """A loaded model kept between jobs."""
 
     role: str
-    model_dir: Path
+    model_path: Path
     dtype: torch.dtype
     device: torch.device
     rung: Rung
@@ -569,19 +573,20 @@ class Residency:
     def get(self, role: str) -> Resident | None:
         return self._slots.get(role)
 
-    def acquire(self, role: str, model_dir: Path, *, dtype: torch.dtype,
+    def acquire(self, role: str, model_path: Path, *, dtype: torch.dtype,
                 device: torch.device, settings: GpuSettings,
                 load: Callable[[Rung], Any], rung: Rung | None = None,
                 rungs: Sequence[Rung] | None = None) -> Acquired:
-        """The model at ``model_dir`` for ``role``, loaded with ``load(rung)`` unless it
+        """The model at ``model_path`` for ``role``, loaded with ``load(rung)`` unless it
         is resident already. ``rung`` forces a rung (benchmarks); otherwise the fastest
         of ``rungs`` (default: the device's ladder) that fits after parking the other
         roles' models if need be."""
-        model_dir = model_dir.resolve()
+        model_path = model_path.resolve()
         rungs = tuple(rungs or ladder_for(device))
         with self._lock:
             current = self._slots.get(role)
-            if current is not None and not self._matches(current, model_dir, dtype, device, rung):
+            if current is not None and \
+                    not self._matches(current, model_path, dtype, device, rung):
                 self.evict(role)
                 current = None
             if current is not None:
@@ -591,12 +596,13 @@ class Residency:
                     current.model.to(device)
                     current.parked = False
                 return Acquired(current, time.monotonic() - started, reused=True)
-            need = memory_need(model_dir, dtype)
-            chosen = rung or self._choose(need, model_dir, dtype, role, settings, device, rungs)
+            need = memory_need(model_path, dtype)
+            chosen = rung or self._choose(need, model_path, dtype, role, settings, device,
+                                          rungs)
             enforce_budget(settings, device)
             started = time.monotonic()
             model = load(chosen)
-            resident = Resident(role=role, model_dir=model_dir, dtype=dtype, device=device,
+            resident = Resident(role=role, model_path=model_path, dtype=dtype, device=device,
                                 rung=chosen, rungs=rungs, model=model, need=need,
                                 load_s=time.monotonic() - started)
             self._slots[role] = resident
@@ -615,9 +621,9 @@ class Residency:
                           if LADDER.index(rung) > LADDER.index(current.rung)), None)
             if lower is None:
                 return None
-            self._floors[(current.model_dir, str(current.dtype))] = lower
-            return StepDown(model=current.model_dir.name, from_rung=current.rung, to_rung=lower,
-                            error=error)
+            self._floors[(current.model_path, str(current.dtype))] = lower
+            return StepDown(model=current.model_path.name, from_rung=current.rung,
+                            to_rung=lower, error=error)
 
     def evict(self, role: str | None = None) -> None:
         """Unload the role's model (every model when ``role`` is None) and free its VRAM."""
@@ -630,14 +636,14 @@ class Residency:
                     resident.extras.clear()
             empty_cache()
 
-    def _matches(self, resident: Resident, model_dir: Path, dtype: torch.dtype,
+    def _matches(self, resident: Resident, model_path: Path, dtype: torch.dtype,
                  device: torch.device, rung: Rung | None) -> bool:
-        return (resident.model_dir, resident.dtype, resident.device) == (model_dir, dtype, device) \
-            and rung in (None, resident.rung)
+        return (resident.model_path, resident.dtype, resident.device) == \
+            (model_path, dtype, device) and rung in (None, resident.rung)
 
-    def _choose(self, need: MemoryNeed, model_dir: Path, dtype: torch.dtype, role: str,
+    def _choose(self, need: MemoryNeed, model_path: Path, dtype: torch.dtype, role: str,
                 settings: GpuSettings, device: torch.device, rungs: Sequence[Rung]) -> Rung:
-        floor = self._floors.get((model_dir, str(dtype)))
+        floor = self._floors.get((model_path, str(dtype)))
         if floor in rungs:
             rungs = rungs[rungs.index(floor):]
         available = available_bytes(settings, device)

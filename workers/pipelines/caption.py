@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -22,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import files
 from daemon.jobs import JobError
-from workers import media, reports
+from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
+from workers.pipelines.footage import gpu_settings
 
+ROLE = "caption"  # in gpu.RESIDENT
 INPUTS = media.VIDEO_SUFFIXES
 OUTPUT_FILE = "result.caption.txt"
 SAMPLES_PER_SECOND = 4.0  # frames kept for shot detection and sampling
@@ -97,11 +100,21 @@ def sample_evenly(start: int, end: int, count: int) -> list[int]:
     return [int(i) for i in np.linspace(start, end - 1, count).round()]
 
 
-_RESIDENT: dict[Path, tuple[object, object]] = {}  # model dir → (processor, model)
+@dataclass
+class Captioner:
+    """The GIT model and its processor, moved together (``RESIDENT`` parks it with ``to``)."""
+
+    processor: Any
+    model: Any
+
+    def to(self, device: Any) -> Captioner:
+        self.model.to(device)
+        return self
 
 
-def load_captioner(model_dir: Path | None) -> tuple[object, object]:
-    """The processor and model, kept loaded between jobs."""
+def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings) -> Captioner:
+    """The captioning model, kept resident between jobs (``gpu.RESIDENT``, role
+    ``"caption"``)."""
     if model_dir is None:
         raise JobError("no captioning model is configured: set [caption] model to a local GIT "
                        "checkpoint folder, e.g. models/git-base-vatex (install it with "
@@ -111,18 +124,23 @@ def load_captioner(model_dir: Path | None) -> tuple[object, object]:
         raise JobError(f"[caption] model = {str(model_dir)!r} is not a model folder (no "
                        "config.json); install it with `python scripts/fetch_models.py "
                        f"{model_dir.name} --dest {model_dir.parent}/`")
-    if model_dir not in _RESIDENT:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoProcessor
+    device = gpu.pick_device()
+    dtype = gpu.pick_dtype(device)
+    # Only the on-device rung: the offload rungs place diffusers pipelines, and a GIT
+    # checkpoint is a single transformers model of a few hundred MB. Other roles'
+    # models are parked to make room for it instead.
+    acquired = gpu.RESIDENT.acquire(ROLE, model_dir, dtype=dtype, device=device,
+                                    settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                    load=lambda rung: _load(model_dir, dtype, device))
+    return acquired.resident.model
 
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                     dtype=dtype).to(device).eval()
-        _RESIDENT.clear()  # one captioner at a time: it yields the GPU to the next model
-        _RESIDENT[model_dir] = (processor, model)
-    return _RESIDENT[model_dir]
+
+def _load(model_dir: Path, dtype: Any, device: Any) -> Captioner:
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    return Captioner(processor, model.to(device).eval())
 
 
 def caption_frames(processor, model, frames: list[np.ndarray], max_length: int) -> str:
@@ -150,7 +168,8 @@ def run(job: JobContext) -> JobResult:
 
     with job.stage("load"):
         job.progress("load", 0, "loading the captioning model")
-        processor, model = load_captioner(settings.model)
+        captioner = load_captioner(settings.model, gpu_settings(job.config))
+        processor, model = captioner.processor, captioner.model
         count = getattr(model.config, "num_image_with_embedding", None) or 1
 
     with job.stage("read"):

@@ -102,6 +102,16 @@ class SceneRequest:
     frames_after: int = 0  # frames of the scenes still to come, for the ETA
 
 
+def human_duration(seconds: float) -> str:
+    """A span of time as a person reads it: "42 s", "2.8 min", "3.5 h" (ETAs here, the
+    digest's run times)."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass(frozen=True)
 class RenderProgress:
     scene: int
@@ -114,7 +124,7 @@ class RenderProgress:
     eta_s: float | None  # until the last scene is done, if later scenes cost the same per frame
 
     def message(self) -> str:
-        eta = f" · about {_duration(self.eta_s)} left" if self.eta_s is not None else ""
+        eta = f" · about {human_duration(self.eta_s)} left" if self.eta_s is not None else ""
         return f"scene {self.scene}/{self.scenes} · step {self.step}/{self.steps}{eta}"
 
 
@@ -617,11 +627,3 @@ def last_frame_of_clip(path: Path, width: int, height: int) -> np.ndarray:
     if not last:
         raise JobError(f"{path.name} has no frames; delete it so the scene is rendered again")
     return np.frombuffer(last[0], np.uint8).reshape(height, width, 3).copy()
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

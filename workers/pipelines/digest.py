@@ -26,6 +26,7 @@ from PIL import Image
 from daemon import files
 from daemon.config import Config, parse_duration
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus
+from workers.pipelines.diffusion import human_duration
 from workers.pipelines.report import BASE_CSS, REPORT_HTML, REPORT_JSON, data_uri
 
 LATEST_HTML, LATEST_JSON = "digest.html", "digest.json"
@@ -126,7 +127,7 @@ def summary(entries: list[Entry], since: datetime, until: datetime) -> str:
     lines = [f"reelqueue, {_local(since)} – {_local(until)}: {len(entries)} jobs"
              + (f" ({', '.join(parts)})" if parts else "") + "."]
     if entries:
-        lines.append(f"{_span(video)} of video made in {_span(run)} of run time.")
+        lines.append(f"{human_duration(video)} of video made in {human_duration(run)} of run time.")
     lines += [f"✗ {e.title}: {e.error or e.status} (job {e.id})"
               for e in entries if e.status in ("failed", "cancelled")]
     return "\n".join(lines)
@@ -262,8 +263,8 @@ def _row(entry: Entry) -> str:
     if entry.video_s:
         facts.append(f"{entry.video_s:.1f} s of video")
     if entry.run_s is not None:
-        facts.append(f"ran {_span(entry.run_s)}" + (f" on {entry.device}" if entry.device
-                                                    else ""))
+        on = f" on {entry.device}" if entry.device else ""
+        facts.append(f"ran {human_duration(entry.run_s)}{on}")
     reason = f"<p class=reason>{_e(entry.error)}</p>" if entry.error else ""
     links = (f'<a href="{_e(entry.report)}">report</a> · ' if entry.report else "") + \
         f'<a href="{_e(entry.log)}">log</a>'
@@ -305,11 +306,3 @@ def _e(text: object) -> str:
 
 def _local(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
-
-
-def _span(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -12,7 +12,9 @@ from the local path in ``[upscale] model``. Top to bottom:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,11 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import files
 from daemon.config import UpscaleConfig
 from daemon.jobs import JobError
-from workers import media, reports
+from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
 from workers.pipelines import encode
+from workers.pipelines.footage import gpu_settings
 from workers.tiling import TilingReport, upscale_tiled
 
+ROLE = "upscale"  # in gpu.RESIDENT
 INPUTS = media.IMAGE_SUFFIXES + media.VIDEO_SUFFIXES
 IMAGE_OUTPUT = "result.upscaled.png"
 VIDEO_OUTPUT = "result.upscaled.mp4"
@@ -46,11 +50,23 @@ def check_request(prompt: str, options: Options) -> None:
     """Nothing to check across fields; the input is checked when it is read."""
 
 
-_RESIDENT: dict[tuple[Path, str], tuple[object, int, object]] = {}
+@dataclass
+class Upscaler:
+    """A super-resolution network with its scale and the dtype it runs in (``RESIDENT``
+    parks it with ``to``)."""
+
+    network: Any
+    scale: int
+    dtype: Any
+
+    def to(self, device: Any) -> Upscaler:
+        self.network.to(device)
+        return self
 
 
-def load_upscaler(settings: UpscaleConfig, half: bool):
-    """(model, scale, dtype) for ``[upscale] model``, kept loaded between jobs."""
+def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettings) -> Upscaler:
+    """The model of ``[upscale] model``, kept resident between jobs (``gpu.RESIDENT``,
+    role ``"upscale"``)."""
     import torch
 
     path = settings.model
@@ -58,31 +74,46 @@ def load_upscaler(settings: UpscaleConfig, half: bool):
         raise JobError(f"no upscaling model is configured: {INSTALL_HINT}")
     if not path.is_file():
         raise JobError(f"[upscale] model = {str(path)!r} does not exist: {INSTALL_HINT}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    key = (path, f"{device}:{half}")
-    if key not in _RESIDENT:
-        try:
-            import spandrel
-        except ImportError as exc:
-            raise JobError(
-                f"the upscale kind loads models with spandrel, which cannot be imported here "
-                f"({exc}); install spandrel and a torchvision build that matches your torch "
-                "(pip install 'reelqueue[gpu]' on a GPU host)") from None
-        descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
-        if not isinstance(descriptor, spandrel.ImageModelDescriptor) or \
-                descriptor.input_channels != 3:
-            raise JobError(f"{path.name} is not an RGB super-resolution model "
-                           f"({type(descriptor).__name__}); use an ESRGAN-family .pth")
+    device = gpu.pick_device()
+    # The half type this GPU runs best; the model may need a wider one (_runnable_dtype),
+    # but the dtype asked for is what tells a later job it can reuse this model.
+    dtype = gpu.pick_dtype(device) if half else torch.float32
+    # Only the on-device rung: the offload rungs place diffusers pipelines, an ESRGAN
+    # network is a few tens of MB, and tiled inference already bounds what it needs
+    # beyond its weights. Other roles' models are parked to make room for it instead.
+    acquired = gpu.RESIDENT.acquire(ROLE, path, dtype=dtype, device=device,
+                                    settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                    load=lambda rung: _load(path, dtype, device))
+    return acquired.resident.model
+
+
+def _load(path: Path, dtype: Any, device: Any) -> Upscaler:
+    try:
+        import spandrel
+    except ImportError as exc:
+        raise JobError(
+            f"the upscale kind loads models with spandrel, which cannot be imported here "
+            f"({exc}); install spandrel and a torchvision build that matches your torch "
+            "(pip install 'reelqueue[gpu]' on a GPU host)") from None
+    descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or \
+            descriptor.input_channels != 3:
+        raise JobError(f"{path.name} is not an RGB super-resolution model "
+                       f"({type(descriptor).__name__}); use an ESRGAN-family .pth")
+    dtype = _runnable_dtype(dtype, descriptor)
+    network = descriptor.model.eval().to(device=device, dtype=dtype)
+    return Upscaler(network, descriptor.scale, dtype)
+
+
+def _runnable_dtype(dtype: Any, descriptor: Any) -> Any:
+    """``dtype``, or the next wider one where the architecture cannot run in it."""
+    import torch
+
+    if dtype == torch.bfloat16 and not descriptor.supports_bfloat16:
+        dtype = torch.float16
+    if dtype == torch.float16 and not descriptor.supports_half:
         dtype = torch.float32
-        if half and device.type == "cuda":
-            if descriptor.supports_bfloat16 and torch.cuda.is_bf16_supported():
-                dtype = torch.bfloat16
-            elif descriptor.supports_half:
-                dtype = torch.float16
-        model = descriptor.model.eval().to(device=device, dtype=dtype)
-        _RESIDENT.clear()  # one upscaler at a time: it yields the GPU to the next model
-        _RESIDENT[key] = (model, descriptor.scale, dtype)
-    return _RESIDENT[key]
+    return dtype
 
 
 def upscale_image(model, scale: int, dtype, image: np.ndarray, settings: UpscaleConfig,
@@ -142,7 +173,8 @@ def run(job: JobContext) -> JobResult:
     with job.stage("load"):
         job.progress("load", 0, "loading the model")
         half = settings.half if options.half is None else options.half
-        model, scale, dtype = load_upscaler(settings, half)
+        upscaler = load_upscaler(settings, half, gpu_settings(job.config))
+        model, scale, dtype = upscaler.network, upscaler.scale, upscaler.dtype
     tile = options.tile or settings.tile
 
     with job.stage("upscale"):

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo up test test-slow test-gpu test-all lint bench clean
+.PHONY: demo up test test-fast test-fault test-slow test-gpu test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { scripts/setup-system.sh && $(PYTHON) -m venv --clear $(VENV); }
@@ -20,8 +20,14 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/reelqueue up
 
-test: $(STAMP)
+# What CI runs: the fast set, then the fault-injection suite (kills, storms, full disks).
+test: test-fast test-fault
+
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fault: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/fault
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

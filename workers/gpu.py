@@ -40,6 +40,8 @@ from daemon.jobs import JobError
 if TYPE_CHECKING:
     import torch
 
+    from daemon.config import Config
+
 GB = 1024**3
 # What the CUDA context itself takes (outside torch's allocator), kept out of a budget.
 CUDA_CONTEXT_BYTES = int(0.5 * GB)
@@ -114,6 +116,12 @@ class GpuSettings:
     vram_budget_gb: float | None = None  # the most this worker may use (a shared card)
     warn_percent: float = 85.0  # the VRAM monitor warns above this much of the card
     sample_interval_s: float = 0.2
+
+    @classmethod
+    def from_config(cls, config: Config) -> GpuSettings:
+        return cls(reserve_gb=config.gpu.reserve_gb,
+                   vram_budget_gb=config.gpu.vram_budget_gb or None,
+                   warn_percent=config.gpu.warn_percent)
 
 
 # --- VRAM monitor ------------------------------------------------------------------------

@@ -20,6 +20,16 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 
 
+def human_duration(seconds: float) -> str:
+    """A span of time as a person reads it: "42 s", "2.8 min", "3.5 h" (ETAs here, the
+    digest's run times)."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def version() -> str:
     try:
         return importlib.metadata.version("reelqueue")

@@ -25,7 +25,6 @@ from daemon import files
 from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
-from workers.pipelines.footage import gpu_settings
 
 ROLE = "caption"  # in gpu.RESIDENT
 INPUTS = media.VIDEO_SUFFIXES
@@ -168,7 +167,7 @@ def run(job: JobContext) -> JobResult:
 
     with job.stage("load"):
         job.progress("load", 0, "loading the captioning model")
-        captioner = load_captioner(settings.model, gpu_settings(job.config))
+        captioner = load_captioner(settings.model, gpu.GpuSettings.from_config(job.config))
         processor, model = captioner.processor, captioner.model
         count = getattr(model.config, "num_image_with_embedding", None) or 1
 

@@ -55,6 +55,7 @@ from PIL import Image
 from daemon.jobs import JobError
 from workers import gpu
 from workers.models import ModelError
+from workers.reports import human_duration
 
 # Weights are only ever read from local folders; no library may try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,16 +101,6 @@ class SceneRequest:
     seed: int  # the job's: every scene of a job shares it
     first_frame: np.ndarray | None = None  # the previous scene's last frame, for continuity
     frames_after: int = 0  # frames of the scenes still to come, for the ETA
-
-
-def human_duration(seconds: float) -> str:
-    """A span of time as a person reads it: "42 s", "2.8 min", "3.5 h" (ETAs here, the
-    digest's run times)."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)

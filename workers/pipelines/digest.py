@@ -26,8 +26,8 @@ from PIL import Image
 from daemon import files
 from daemon.config import Config, parse_duration
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus
-from workers.pipelines.diffusion import human_duration
 from workers.pipelines.report import BASE_CSS, REPORT_HTML, REPORT_JSON, data_uri
+from workers.reports import human_duration
 
 LATEST_HTML, LATEST_JSON = "digest.html", "digest.json"
 THUMBNAIL_WIDTH = 160

@@ -37,12 +37,6 @@ class Rendered:
     details: dict[str, Any]  # for the report: model, rung, steps, timings; empty if reused
 
 
-def gpu_settings(config: Config) -> gpu.GpuSettings:
-    return gpu.GpuSettings(reserve_gb=config.gpu.reserve_gb,
-                           vram_budget_gb=config.gpu.vram_budget_gb or None,
-                           warn_percent=config.gpu.warn_percent)
-
-
 def settings_for(config: Config) -> diffusion.DiffusionSettings:
     """``[video]`` as the diffusion settings, with models found (and checked) on disk."""
     video = config.video
@@ -53,7 +47,7 @@ def settings_for(config: Config) -> diffusion.DiffusionSettings:
         continuity=video.continuity,
         i2v_model_dir=models.require(config.models.dir, continuity_model)
         if continuity_model else None,
-        gpu=gpu_settings(config),
+        gpu=gpu.GpuSettings.from_config(config),
     )
 
 

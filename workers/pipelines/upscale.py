@@ -26,7 +26,6 @@ from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
 from workers.pipelines import encode
-from workers.pipelines.footage import gpu_settings
 from workers.tiling import TilingReport, upscale_tiled
 
 ROLE = "upscale"  # in gpu.RESIDENT
@@ -173,7 +172,7 @@ def run(job: JobContext) -> JobResult:
     with job.stage("load"):
         job.progress("load", 0, "loading the model")
         half = settings.half if options.half is None else options.half
-        upscaler = load_upscaler(settings, half, gpu_settings(job.config))
+        upscaler = load_upscaler(settings, half, gpu.GpuSettings.from_config(job.config))
         model, scale, dtype = upscaler.network, upscaler.scale, upscaler.dtype
     tile = options.tile or settings.tile
 

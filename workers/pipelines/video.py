@@ -124,7 +124,7 @@ def run(job: JobContext) -> JobResult:
     post_settings = options.post_settings(config.post)
     # On a GPU host, VRAM is sampled through every stage: its peak and timeline go in
     # the report. On the CPU the monitor does nothing.
-    vram = gpu.VramMonitor(footage.gpu_settings(config), on_warning=job.warn)
+    vram = gpu.VramMonitor(gpu.GpuSettings.from_config(config), on_warning=job.warn)
     with vram:
         board, planned_by = _plan(job, options, fmt)
         # A storyboard written by an LLM can say what the prompt did not.
@@ -184,7 +184,7 @@ def _plan(job: JobContext, options: Options, fmt: encode.VideoFormat
 
             llm = llm_storyboard.LlmSettings(
                 model_dir=models.require(job.config.models.dir, settings.model),
-                constrained=settings.constrained, gpu=footage.gpu_settings(job.config))
+                constrained=settings.constrained, gpu=gpu.GpuSettings.from_config(job.config))
             made = llm_storyboard.plan_storyboard(
                 request, llm, log=job.log,
                 on_tokens=lambda done, most: job.progress(

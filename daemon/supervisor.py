@@ -1,6 +1,7 @@
 """``reelqueue up``: the embedded Redis, the daemon and one worker in the foreground,
-like ``docker compose up``. Children that die are restarted with backoff; Ctrl-C
-(or SIGTERM) stops the daemon and the worker gracefully, then Redis."""
+like ``docker compose up``. Children that die are restarted with backoff, and so is the
+embedded Redis (on its AOF: queued jobs survive); Ctrl-C (or SIGTERM) stops the daemon
+and the worker gracefully, then Redis."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from daemon.config import Config
 from daemon.logs import get_logger
-from daemon.redis_server import EmbeddedRedis
+from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
 
 log = get_logger(component="supervisor")
 STOP_TIMEOUT_S = 60.0
+MAX_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Supervisor:
         self.children = [Child("daemon", base + ["daemon"]), Child("worker", base + ["worker"])]
         self.redis: EmbeddedRedis | None = None
         self.owns_redis = False
+        self.redis_failures = 0
+        self.redis_next_try = 0.0
         self.stopping = False
 
     def start(self) -> None:
@@ -58,8 +64,11 @@ class Supervisor:
             child.start()
 
     def check(self) -> None:
-        """Restart children that exited, with exponential backoff (1 s … 60 s)."""
+        """Restart the embedded Redis if it died, and children that exited, with
+        exponential backoff (1 s … 60 s)."""
         now = time.monotonic()
+        if self.redis is not None and not self.stopping and now >= self.redis_next_try:
+            self.keep_redis(now)
         for child in self.children:
             if child.alive() or self.stopping:
                 continue
@@ -68,7 +77,7 @@ class Supervisor:
                 # A child that ran a good while before dying gets a fresh backoff.
                 if now - child.started_at > 60:
                     child.restarts = 0
-                delay = min(60.0, 2.0**child.restarts)
+                delay = min(MAX_BACKOFF_S, 2.0**child.restarts)
                 child.next_start = now + delay
                 log.warning("child exited; restarting", child=child.name, code=code,
                             in_s=delay)
@@ -76,6 +85,21 @@ class Supervisor:
                 child.restarts += 1
                 child.next_start = 0.0
                 child.start()
+
+    def keep_redis(self, now: float) -> None:
+        """Start the embedded Redis again if it died. The daemon does the same, and the
+        start lock lets only one of them start it; doing it here too covers a daemon
+        that is down or restarting at that moment."""
+        assert self.redis is not None
+        try:
+            self.redis.revive()
+            self.redis_failures = 0
+        # A damaged AOF (its log tail says so), or a server dying again as it starts.
+        except (EmbeddedRedisError, RedisError, OSError) as exc:
+            self.redis_failures += 1
+            delay = min(MAX_BACKOFF_S, 2.0**self.redis_failures)
+            self.redis_next_try = now + delay
+            log.error("could not start the embedded redis again", error=str(exc), in_s=delay)
 
     def stop(self) -> None:
         self.stopping = True

@@ -281,7 +281,11 @@ class ChatIntake:
                 delay = min(60.0, delay * 2)
         await self.app.start()
         await self._set_commands()
-        await self._load_live()
+        try:
+            await self._load_live()
+        except RedisError as exc:  # the bot must come up all the same
+            log.warning("redis unavailable: progress messages of a previous run are not "
+                        "edited further (their last word still comes)", error=str(exc))
         self._tasks += [asyncio.create_task(self._watch_events()),
                         asyncio.create_task(self._keep_progress_current()),
                         asyncio.create_task(self._send_outbox())]
@@ -293,10 +297,20 @@ class ChatIntake:
     async def _send_outbox(self) -> None:
         """Post what other processes left for the chat (the morning digest's summary),
         with the reliable-queue pattern: a message leaves Redis only once it was sent."""
+        while True:
+            try:
+                await self._drain_outbox()
+            except RedisError as exc:
+                log.warning("redis unavailable for the chat outbox; retrying", error=str(exc))
+                await asyncio.sleep(1)
+
+    async def _drain_outbox(self) -> None:
         assert self.app is not None
         active = CHAT_OUTBOX_KEY + ":active"
+        # What a crashed daemon (or this one, before Redis went away) was sending goes
+        # out again: nothing else in this process sends from the outbox meanwhile.
         while await self.redis.lmove(active, CHAT_OUTBOX_KEY, "RIGHT", "LEFT"):
-            pass  # what a crashed daemon was sending goes out again
+            pass
         delay = 1.0
         while True:
             raw = await self.redis.blmove(CHAT_OUTBOX_KEY, active, 5, "RIGHT", "LEFT")
@@ -439,11 +453,21 @@ class ChatIntake:
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         error = context.error
         assert error is not None
-        log.error("a chat update failed", error=self.redact(repr(error)),
-                  traceback=self.redact("".join(traceback.format_exception(error))))
+        if isinstance(error, RedisError):
+            # Every command needs Redis; submit checks it before writing anything, so
+            # "nothing was queued" holds (see submit for the one narrow exception).
+            log.warning("a chat update failed: redis unavailable", error=str(error))
+            text = texts.queue_unavailable()
+        else:
+            log.error("a chat update failed", error=self.redact(repr(error)),
+                      traceback=self.redact("".join(traceback.format_exception(error))))
+            text = texts.internal_error()
         if isinstance(update, Update) and update.effective_chat is not None and self.app:
+            message = update.effective_message
             with contextlib.suppress(TelegramError):
-                await self.app.bot.send_message(update.effective_chat.id, texts.internal_error())
+                await self.app.bot.send_message(
+                    update.effective_chat.id, text,
+                    reply_parameters=_reply_to(message.message_id) if message else None)
 
     async def reply(self, ask: Ask, text: str, **kwargs: Any) -> Message:
         assert self.app is not None
@@ -580,24 +604,32 @@ class ChatIntake:
         job_id = job_id or derive_job_id("telegram", str(ask.chat_id), str(ask.message_id))
         directory = job_dir(self.config.jobs_dir, job_id)
         if (directory / "spec.json").exists():
-            await self.reply(ask, texts.already_queued(job_id))
-            return
-        inputs = [attachment.name] if attachment else []
-        try:
-            self._check_prompt(prompt)
-            await self._check_caps(ask.user_id)
-            options = validate_request(kind, prompt, options or {}, inputs)
-            if attachment is not None:
-                await self._download(attachment, directory / "inputs")
-        except JobError as exc:
-            shutil.rmtree(directory, ignore_errors=True)  # a partial download; no spec yet
-            await self.reply(ask, texts.not_queued(str(exc)))
-            return
-        spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options, inputs=inputs,
-                       source=Source(channel=Channel.chat, chat_id=ask.chat_id,
-                                     message_id=ask.message_id),
-                       submitted_by=ask.submitter)
-        await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
+            # Seen before: the same update fetched again after a crash, or a second
+            # Render. The enqueue below says whether it is queued already, and queues it
+            # if that first attempt died between writing the spec and queueing it.
+            spec = await asyncio.to_thread(read_spec, self.config.jobs_dir, job_id)
+        else:
+            inputs = [attachment.name] if attachment else []
+            try:
+                self._check_prompt(prompt)
+                await self._check_caps(ask.user_id)
+                options = validate_request(kind, prompt, options or {}, inputs)
+                if attachment is not None:
+                    await self._download(attachment, directory / "inputs")
+            except JobError as exc:
+                shutil.rmtree(directory, ignore_errors=True)  # a partial download; no spec yet
+                await self.reply(ask, texts.not_queued(str(exc)))
+                return
+            spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options, inputs=inputs,
+                           source=Source(channel=Channel.chat, chat_id=ask.chat_id,
+                                         message_id=ask.message_id),
+                           submitted_by=ask.submitter)
+            # With Redis down, fail here (on_error answers) rather than leave a spec behind.
+            # Only Redis dying between this and the enqueue leaves one: a job that is
+            # queued runs as usual; one that is not is never run, and this message's
+            # update, fetched again, queues it.
+            await self.redis.ping()
+            await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
         # Held until the progress message is recorded: a job quick enough to finish first
         # is delivered after that, so its progress message gets its last word too.
         async with self._lock(job_id):
@@ -607,11 +639,18 @@ class ChatIntake:
                 shutil.rmtree(directory, ignore_errors=True)
                 await self.reply(ask, texts.not_queued(str(exc)))
                 return
-            await self.queue.count_today(ask.submitter)
+            if not result.accepted:
+                await self.reply(ask, texts.already_queued(job_id))
+                return
             text = texts.progress(job_id, {"status": JobStatus.queued,
                                            "position": result.position})
             sent = await self.reply(ask, text)
-            await self._track(job_id, ask.chat_id, sent.message_id, text)
+            try:
+                await self.queue.count_today(ask.submitter)
+                await self._track(job_id, ask.chat_id, sent.message_id, text)
+            except RedisError as exc:  # queued and answered: only the bookkeeping is lost
+                log.warning("redis unavailable after queueing a chat job", job_id=job_id,
+                            error=str(exc))
         log.info("job queued", job_id=job_id, kind=kind, user_id=ask.user_id,
                  chat_id=ask.chat_id, position=result.position)
 
@@ -653,14 +692,15 @@ class ChatIntake:
     # --- progress ------------------------------------------------------------------------
 
     async def _track(self, job_id: str, chat_id: int, message_id: int, shown: str) -> None:
+        # In memory first: this run keeps editing the message even if Redis is away now.
+        self._live[job_id] = _Live(chat_id, message_id, shown,
+                                   time.monotonic() + self.chat.progress_interval)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping={"chat_id": chat_id,
                                                 "progress_message_id": message_id})
             pipe.expire(job_key(job_id), JOB_EXPIRY_S)
             pipe.sadd(LIVE_KEY, job_id)
             await pipe.execute()
-        self._live[job_id] = _Live(chat_id, message_id, shown,
-                                   time.monotonic() + self.chat.progress_interval)
 
     async def _load_live(self) -> None:
         """After a restart: pick up the progress messages a previous run was editing."""
@@ -893,6 +933,8 @@ class ChatIntake:
                                ) -> dict[str, Any]:
         assert self.app is not None
         message_id = await self.redis.hget(job_key(spec.id), "progress_message_id")
+        if message_id is None and (live := self._live.get(spec.id)):
+            message_id = live.message_id  # sent while Redis was away: never recorded there
         if message_id is None:  # never sent (the reply failed), or forgotten long ago
             return {"skipped": "no progress message"}
         render_s = (_read_report(directory).get("timings") or {}).get("total")

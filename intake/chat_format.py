@@ -327,6 +327,11 @@ def storyboard_gone() -> str:
             "Send /storyboard with the prompt again.")
 
 
+def queue_unavailable() -> str:
+    return "⚠️ The job queue is unavailable right now (its Redis server is down): I could " \
+        "not do that, and nothing was queued. Please try again in a minute."
+
+
 def internal_error() -> str:
     return "Something went wrong on my side; the administrators can see it in the log. " \
         "Please try again in a minute."

@@ -19,6 +19,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daemon.config import load_config
 from daemon.delivery import DeliveryLoop
@@ -33,6 +34,7 @@ from daemon.jobs import (
     write_spec,
 )
 from daemon.queue import QueueClient, worker_key
+from daemon.redis_server import EmbeddedRedis
 from intake import chat as chat_module
 from intake.chat import ChatIntake, ChatUnavailable, parse_command
 from intake.http import HttpApi
@@ -234,6 +236,56 @@ async def test_a_request_is_queued_and_answered_with_its_position(make_chat, bot
     assert "already job" in (await bot_api.until("sendMessage", 3, chat_id=ALICE))[-1].params[
         "text"]
     assert len(job_ids(chat)) == 2
+
+
+async def test_with_redis_down_the_user_is_told_and_nothing_is_left_behind(tmp_path, bot_api):
+    server = EmbeddedRedis(tmp_path / "own-redis")  # its own Redis, to kill
+    server.start()
+    config = load_config(write_config(tmp_path, server.url, video=SMALL_VIDEO, **{
+        "intake.chat": chat_section(bot_api)}))
+    queue = await QueueClient.open(config.redis.url)
+    chat = ChatIntake(config, queue)
+    try:
+        await chat.start()
+        await asyncio.wait_for(chat.ready.wait(), 10)
+        server.process.kill()
+        server.process.wait()
+        for count, text in enumerate(("/video a red fox", "/status"), 1):
+            request = bot_api.user_message(ALICE, text)
+            answer = (await bot_api.until("sendMessage", count, chat_id=ALICE))[-1].params
+            assert "queue is unavailable right now (its Redis server is down)" in \
+                answer["text"] and "nothing was queued" in answer["text"]
+            assert answer["reply_parameters"]["message_id"] == request["message_id"]
+        assert job_ids(chat) == []  # no spec.json of a job that was never queued
+        server.start()  # back: the same client reconnects
+        _, job_id, _ = await ask_for_video(bot_api, "a red fox")
+        assert job_ids(chat) == [job_id]
+    finally:
+        await chat.stop()
+        await queue.close()
+        server.stop(only_if_idle=False)
+
+
+async def test_a_spec_left_by_redis_dying_mid_submit_is_queued_when_asked_again(
+        make_chat, bot_api, monkeypatch):
+    chat = await make_chat()
+    enqueue = chat.queue.enqueue
+
+    async def redis_dies(spec: JobSpec) -> None:
+        monkeypatch.setattr(chat.queue, "enqueue", enqueue)  # back for the next try
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(chat.queue, "enqueue", redis_dies)  # after the spec is written
+    request = bot_api.user_message(ALICE, "/video a red fox")
+    answer = (await bot_api.until("sendMessage", chat_id=ALICE))[0].params["text"]
+    assert "nothing was queued" in answer
+    [job_id] = job_ids(chat)  # the one leftover: harmless, never run as it is…
+    assert await chat.queue.get_state(job_id) is None
+    bot_api.push_update({"message": request})  # …and the same update again queues it
+    answer = (await bot_api.until("sendMessage", 2, chat_id=ALICE))[-1].params["text"]
+    assert "is queued" in answer and job_id in answer
+    assert (await chat.queue.get_state(job_id))["status"] == JobStatus.queued
+    assert job_ids(chat) == [job_id]
 
 
 async def test_caps_say_when_they_reset(make_chat, bot_api):

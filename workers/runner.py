@@ -6,8 +6,11 @@ The outcome is written to ``result.json`` in the job directory (``JobOutcome``).
 
 from __future__ import annotations
 
+import errno
+import shutil
 import threading
 import traceback
+from pathlib import Path
 
 from daemon.config import Config
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, job_dir
@@ -82,20 +85,58 @@ def run_job_sync(
             )
         else:
             outcome = JobOutcome(JobStatus.cancelled, error="cancelled by request")
-    except JobError as exc:
+    except Exception as exc:  # the request, a bug or the environment: the worker lives on
         gpu.HEALTH.record_failure(exc)
-        outcome = JobOutcome(JobStatus.failed, error=str(exc))
-    except Exception as exc:  # a bug or an environment problem: keep the worker alive
-        gpu.HEALTH.record_failure(exc)
-        job.log("job crashed", error=repr(exc), traceback=traceback.format_exc())
-        outcome = JobOutcome(
-            JobStatus.failed,
-            error=f"internal error ({type(exc).__name__}: {exc}); the details are in "
-            f"{directory / 'log.jsonl'}",
-        )
+        outcome = JobOutcome(JobStatus.failed, error=_reason(exc, job, directory))
     job.log("job finished", status=outcome.status, error=outcome.error)
     try:
         outcome.write(directory)
     except OSError as exc:  # a full disk: Redis still records the outcome, delivery reads it
         job.log("could not write result.json", error=str(exc))
     return outcome
+
+
+# How ENOSPC reads wherever it is only text: ffmpeg's stderr, a command pipeline's output.
+NO_SPACE = "No space left on device"
+
+
+def _reason(exc: Exception, job: JobContext, directory: Path) -> str:
+    """What the sender reads about a failed job."""
+    full = disk_full_reason(exc, directory)
+    if full is not None:
+        job.log("disk full", error=repr(exc))  # the reason names no file; this does
+        return full
+    if isinstance(exc, JobError):
+        return str(exc)
+    job.log("job crashed", error=repr(exc), traceback=traceback.format_exc())
+    return (f"internal error ({type(exc).__name__}: {exc}); the details are in "
+            f"{directory / 'log.jsonl'}")
+
+
+def disk_full_reason(exc: BaseException, directory: Path) -> str | None:
+    """The failure reason when ``exc`` comes from a full disk, else None. A full disk is
+    no bug and no fault of the request: say which folder, how much is free, what to do."""
+    where: Path | None = None
+    cause: BaseException | None = exc
+    while cause is not None:  # pipelines may wrap the OSError: look along the chain
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            where = Path(cause.filename) if cause.filename else directory
+            break
+        if NO_SPACE in str(cause):
+            where = directory  # a child process's message: it wrote into the job's folder
+            break
+        cause = cause.__cause__ or cause.__context__
+    if where is None:
+        return None
+    folder = next((p for p in (where, *where.parents) if p.is_dir()), directory)
+    free = shutil.disk_usage(folder).free
+    return (f"the disk is full ({NO_SPACE}): {_amount(free)} free on {folder}. Free some "
+            "space there, then submit the job again; an administrator can raise [queue] "
+            "min_free_gb so that jobs wait for space instead of failing")
+
+
+def _amount(size_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}"
+    return f"{size_bytes} bytes"

@@ -8,6 +8,7 @@ lives elsewhere (the session's server): its AOF on a full disk is another story.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -75,7 +76,11 @@ def test_disk_full_during_encode_fails_the_job_visibly(tmp_path, redis_url, smal
     assert error.exists() and not (inbox / "done" / "crowded.mp4").exists()
     reason = error.read_text()
     print(reason)
-    assert "no space left" in reason.lower()
+    # Plain words: what happened, where, how much is free, what to do; no "internal error".
+    assert "the disk is full (No space left on device)" in reason
+    assert re.search(rf"\d+\.\d KB free on {re.escape(str(small_disk))}\S*\. Free some space "
+                     "there, then submit the job again", reason), reason
+    assert "internal error" not in reason
     assert not list((inbox / "done").iterdir())  # no half video, nothing at all
     assert not hidden_files(inbox / "failed")
     assert (inbox / "failed" / "crowded.txt").exists()  # the request, kept

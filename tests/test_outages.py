@@ -1,0 +1,115 @@
+"""Outages that need no human: an embedded Redis that dies is started again (by
+``reelqueue up`` and by the daemon), and a job that fills the disk says so plainly.
+The same with real processes and a real full disk: tests/fault/test_redis_restart.py
+and tests/fault/test_disk_full.py."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import signal
+
+import pytest
+import redis as redis_sync
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from daemon import service
+from daemon.config import load_config
+from daemon.jobs import JobError
+from daemon.redis_server import EmbeddedRedis
+from daemon.supervisor import Supervisor
+from tests.conftest import wait_for, write_config
+from workers.pipelines.encode import FFmpegError
+from workers.runner import disk_full_reason
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def kill(server: EmbeddedRedis) -> None:
+    """SIGKILL the server as the OOM killer would: no AOF rewrite, no socket removed."""
+    os.kill(int((server.dir / "redis.pid").read_text()), signal.SIGKILL)
+    wait_for(lambda: not server.listening(), timeout=5, what="redis-server gone")
+
+
+def connected(server: EmbeddedRedis) -> bool:
+    """Someone besides this check is connected (the daemon has opened its queue)."""
+    try:
+        with redis_sync.Redis.from_url(server.url) as client:
+            return len(client.client_list()) > 1
+    except redis_sync.RedisError:
+        return False
+
+
+def test_the_supervisor_restarts_a_killed_embedded_redis_on_its_aof(tmp_path):
+    supervisor = Supervisor(load_config(write_config(tmp_path)), None)
+    supervisor.children = []  # no daemon to revive Redis: only the supervisor can
+    supervisor.start()
+    try:
+        assert supervisor.redis is not None
+        with redis_sync.Redis.from_url(supervisor.redis.url) as client:
+            client.set("reelqueue:kept", "a queued job")
+        kill(supervisor.redis)
+        supervisor.check()
+        with redis_sync.Redis.from_url(supervisor.redis.url) as client:
+            assert client.get("reelqueue:kept") == b"a queued job"
+    finally:
+        supervisor.stop()
+    assert not supervisor.redis.listening()  # stopped with the rest
+
+
+async def test_the_daemon_restarts_a_killed_embedded_redis(tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "REDIS_WATCH_S", 0.1)
+    config = load_config(write_config(tmp_path))
+    server = EmbeddedRedis(config.state_dir)
+    stop = asyncio.Event()
+    daemon = asyncio.create_task(service.run_daemon(config, stop))
+    try:
+        await asyncio.to_thread(wait_for, lambda: connected(server), 30, 0.05,
+                                "the daemon connected")
+        await asyncio.to_thread(kill, server)
+        await asyncio.to_thread(wait_for, server.is_running, 5, 0.05, "Redis back")
+        assert not daemon.done()
+    finally:
+        stop.set()
+        await daemon
+    assert not server.listening()  # it started Redis, so it stopped it
+
+
+async def test_a_daemon_whose_delivery_loop_dies_exits_to_be_restarted(tmp_path, redis_url,
+                                                                       monkeypatch):
+    async def fails(self, stop: asyncio.Event) -> None:
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(service.DeliveryLoop, "run", fails)
+    config = load_config(write_config(tmp_path, redis_url))
+    with pytest.raises(RedisConnectionError):  # exit status 1: systemd or `up` restarts it
+        await asyncio.wait_for(service.run_daemon(config), 30)
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_named_with_its_folder_free_space_and_what_to_do(tmp_path):
+    scenes = tmp_path / "job" / "scenes"
+    scenes.mkdir(parents=True)
+    written = OSError(errno.ENOSPC, "No space left on device", str(scenes / "scene_01.mp4"))
+    reason = disk_full_reason(written, tmp_path / "job")
+    assert reason is not None and reason.startswith("the disk is full (No space left on device)")
+    assert re.search(rf"\d+\.\d [GMK]B free on {re.escape(str(scenes))}\. Free some space "
+                     "there, then submit the job again", reason), reason
+
+    # ffmpeg says it only in its stderr; a pipeline may wrap the OSError in its own error.
+    encode = FFmpegError("ffmpeg could not encode .scene_01.mp4.tmp:\n[out#0/mp4 @ 0x5] "
+                         "Error writing trailer: No space left on device")
+    assert f"free on {tmp_path / 'job'}." in disk_full_reason(encode, tmp_path / "job")
+    try:
+        try:
+            raise written
+        except OSError:
+            raise JobError("could not save the storyboard") from None
+    except JobError as wrapped:
+        assert f"free on {scenes}." in disk_full_reason(wrapped, tmp_path / "job")
+    assert disk_full_reason(JobError("the prompt is empty"), tmp_path / "job") is None
+    assert disk_full_reason(OSError(errno.EACCES, "Permission denied"), tmp_path) is None

@@ -46,7 +46,8 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     url = embedded.url if embedded else config.redis.url
     owns_redis = bool(embedded) and await asyncio.to_thread(embedded.start)
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
-                                   max_queued=config.queue.max_queued)
+                                   max_queued=config.queue.max_queued,
+                                   interactive_lead_s=config.queue.interactive_lead)
     intakes: list[FolderIntake | HttpIntake | ChatIntake] = [
         FolderIntake(folder, config, queue) for folder in config.intake.folder]
     if config.intake.http.enabled:

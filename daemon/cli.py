@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
@@ -94,6 +95,12 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     asyncio.run(_ping(url))
     try:
         create_worker(config, url, name=args.name).run()
+    except (RedisError, OSError) as exc:
+        # Redis went away under the running worker. Its supervisor (reelqueue up, systemd)
+        # starts it again; the job it ran is recovered as after a crash.
+        _error(f"lost the connection to Redis at {url} ({exc}); exiting so that the "
+               "worker is restarted once Redis is back")
+        return 1
     finally:
         if owned is not None:
             owned.stop()

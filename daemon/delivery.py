@@ -35,6 +35,7 @@ class DeliveryLoop:
         self.queue = queue
         self.failures: dict[str, int] = {}
         self._retries: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
         # Channels not registered (cli, http) are answered by polling the job's state.
         self.deliverers: dict[Channel, Deliverer] = {}
 
@@ -42,6 +43,7 @@ class DeliveryLoop:
         self.deliverers[channel] = deliverer
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         moved = await self.queue.requeue_active_deliveries()
         if moved:
             log.info("resuming deliveries interrupted by a restart", count=moved)
@@ -71,12 +73,25 @@ class DeliveryLoop:
             task.add_done_callback(self._retries.discard)
             return
         self.failures.pop(job_id, None)
-        await self.queue.delivery_done(job_id)
         metrics.record_finished(state)
+        await self._record(self.queue.delivery_done, job_id)
 
     async def _retry_later(self, job_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
-        await self.queue.delivery_retry_later(job_id)
+        await self._record(self.queue.delivery_retry_later, job_id)
+
+    async def _record(self, step: Callable[[str], Awaitable[None]], job_id: str) -> None:
+        """Move a delivery on in Redis, waiting out a Redis restart. Given up only when
+        the daemon stops: the id then stays in the active list, and the next start
+        delivers it again (idempotently)."""
+        while not self._stop.is_set():
+            try:
+                await step(job_id)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("redis unavailable for deliveries; retrying", job_id=job_id,
+                            error=str(exc))
+                await asyncio.sleep(1)
 
     async def deliver(self, job_id: str, state: dict[str, object]) -> None:
         directory = job_dir(self.config.jobs_dir, job_id)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
 from watchdog.events import (
     DirCreatedEvent,
     FileClosedEvent,
@@ -65,6 +66,7 @@ CLOSED_SETTLE_S = 0.05
 UNCLOSED_GRACE = 5  # a written file never seen closed is taken after settle × this
 RESCAN_S = 30.0  # a safety net for missed events (inotify queue overflow, odd shares)
 RESTAT_S = 0.25  # how often a file that is still settling is looked at again
+RETRY_S = 2.0  # a file that could not be queued (Redis away) is offered again after this
 
 log = get_logger(component="folder")
 
@@ -230,6 +232,13 @@ class FolderIntake:
                     self.taken[path] = entry.signature
                     try:
                         await self.take(path)
+                    except RedisError as exc:
+                        # Redis restarting: the file stays in the inbox, and a rescan soon
+                        # offers it again.
+                        self.taken.pop(path, None)
+                        self._last_scan = min(self._last_scan, now - RESCAN_S + RETRY_S)
+                        log.warning("could not take file yet; trying again shortly",
+                                    file=str(path), error=str(exc), retry_in_s=RETRY_S)
                     except Exception:
                         # Never let one file stop the intake; it is retried on the next scan.
                         self.taken.pop(path, None)

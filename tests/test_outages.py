@@ -18,8 +18,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from daemon import service
 from daemon.config import load_config
 from daemon.jobs import JobError
+from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.supervisor import Supervisor
+from intake.folder import FolderIntake
 from tests.conftest import wait_for, write_config
 from workers.pipelines.encode import FFmpegError
 from workers.runner import disk_full_reason
@@ -86,6 +88,34 @@ async def test_a_daemon_whose_delivery_loop_dies_exits_to_be_restarted(tmp_path,
     config = load_config(write_config(tmp_path, redis_url))
     with pytest.raises(RedisConnectionError):  # exit status 1: systemd or `up` restarts it
         await asyncio.wait_for(service.run_daemon(config), 30)
+
+
+async def test_a_file_dropped_while_redis_is_down_is_queued_soon_after_it_is_back(tmp_path):
+    config = load_config(write_config(tmp_path))
+    server = EmbeddedRedis(config.state_dir)
+    server.start()
+    queue = await QueueClient.open(server.url)
+    folder = config.intake.folder[0]
+    intake = FolderIntake(folder, config, queue)
+    await intake.start()
+    try:
+        await asyncio.to_thread(kill, server)
+        (folder.path / "fox.txt").write_text("a fox in the snow")
+        await asyncio.sleep(1.0)  # taken, and refused by the missing Redis
+        assert (folder.path / "fox.txt").exists()
+        await asyncio.to_thread(server.start)
+        # Offered again within seconds, not at the 30 s safety rescan.
+        async def queued() -> bool:
+            return await queue.queue_length() == 1
+        for _ in range(100):
+            if await queued():
+                break
+            await asyncio.sleep(0.1)
+        assert await queued(), "the file was not queued within 10 s of Redis coming back"
+    finally:
+        await intake.stop()
+        await queue.close()
+        server.stop(only_if_idle=False)
 
 
 # --- a full disk ------------------------------------------------------------------------

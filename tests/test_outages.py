@@ -17,8 +17,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daemon import service
 from daemon.config import load_config
+from daemon.delivery import DeliveryLoop
 from daemon.jobs import JobError
-from daemon.queue import QueueClient
+from daemon.queue import DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.supervisor import Supervisor
 from intake.folder import FolderIntake
@@ -116,6 +117,36 @@ async def test_a_file_dropped_while_redis_is_down_is_queued_soon_after_it_is_bac
         await intake.stop()
         await queue.close()
         server.stop(only_if_idle=False)
+
+
+async def test_a_delivery_done_while_redis_blinks_is_still_recorded(config, queue,
+                                                                     monkeypatch):
+    """Redis failing just as a delivery is recorded does not end the delivery loop, and
+    the delivery leaves the active list once Redis answers again."""
+    delivered, blinks = [], iter([RedisConnectionError("Connection closed by server.")])
+    real_done = queue.delivery_done
+
+    async def blinking_done(job_id: str) -> None:
+        if (error := next(blinks, None)) is not None:
+            raise error
+        await real_done(job_id)
+
+    async def deliver(self, job_id: str, state: dict) -> None:
+        delivered.append(job_id)
+
+    monkeypatch.setattr(queue, "delivery_done", blinking_done)
+    monkeypatch.setattr(DeliveryLoop, "deliver", deliver)
+    loop, stop = DeliveryLoop(config, queue), asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    await queue.redis.lpush(DELIVERIES_KEY, "job-1")
+    for _ in range(50):
+        if not await queue.redis.llen(DELIVERIES_ACTIVE_KEY) and delivered:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await running
+    assert delivered == ["job-1"]
+    assert await queue.redis.llen(DELIVERIES_ACTIVE_KEY) == 0
 
 
 # --- a full disk ------------------------------------------------------------------------

@@ -6,18 +6,21 @@
   progress message, edited as the worker reports, at most every ``progress_interval``.
 - ``/storyboard <prompt>`` plans the scenes at once, without GPU time; replying
   ``render`` to it (or pressing Render) queues a video of exactly those scenes.
-- Results go back through the daemon's durable delivery queue: ``deliver`` sends the
-  video (re-encoded smaller, or linked, when over the upload limit), the report, and
-  the last word in the progress message. Each step is recorded in
-  ``chat-delivery.json`` in the job directory, so a retry or a restart never sends
-  anything twice.
+- Results go back through the daemon's durable delivery queue: ``deliver`` turns the
+  progress message into the video (re-encoded smaller, or a link, when over the upload
+  limit), then sends the report, which notifies the user (an edit does not). Each step
+  is recorded in ``chat-delivery.json`` in the job directory; the result is an edit, so
+  redoing it after a crash between Telegram taking it and that record puts the same
+  video into the same message instead of sending a second one.
 
 Only allowlisted users (and, in groups, allowlisted groups) are served; others get one
 polite refusal, and the log names their ids. The bot token never reaches a log.
 
 Redis keys, under ``reelqueue:chat:``: ``job:<id>`` (hash: chat_id, progress_message_id),
 ``live`` (jobs whose progress message is still being edited), ``storyboard:<chat>:<msg>``,
-``daily:<user>:<UTC date>`` and ``refused:<user>:<chat>``.
+``daily:<user>:<UTC date>`` and ``refused:<user>:<chat>``. The progress message's id is
+also kept in ``chat-progress.json`` in the job directory, for a delivery after Redis
+forgot it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from urllib.parse import quote
 
 import imageio_ffmpeg
 from redis.exceptions import RedisError
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, ReplyParameters, Update
+from telegram import (
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaDocument,
+    InputMediaVideo,
+    Message,
+    ReplyParameters,
+    Update,
+)
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (
     BadRequest,
@@ -99,6 +110,7 @@ log = get_logger(component="chat")
 PREFIX = "reelqueue:chat:"
 LIVE_KEY = PREFIX + "live"
 DELIVERY_FILE = "chat-delivery.json"
+PROGRESS_FILE = "chat-progress.json"
 SMALL_VIDEO = "video-small.mp4"
 POLL_TIMEOUT_S = 10  # how long the Bot API server holds a getUpdates call open
 RATE_LIMIT_RETRIES = 3  # a 429 is retried after its retry_after this many times
@@ -112,6 +124,10 @@ REFUSAL_MEMORY_S = 30 * 86400
 SHRINK_TRIES = 4
 VIDEO_SHARE = 0.9  # of the byte budget spent on video bits; the rest is MP4 overhead
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{3,64}))?(?:\s+|$)")
+# Why a progress message cannot take the result: the user deleted it; it cannot be
+# edited; a (self-hosted) Bot API server too old to add media to a text message.
+_UNEDITABLE = ("message to edit not found", "message can't be edited",
+               "there is no media in the message to edit")
 
 
 def job_key(job_id: str) -> str:
@@ -645,6 +661,7 @@ class ChatIntake:
             text = texts.progress(job_id, {"status": JobStatus.queued,
                                            "position": result.position})
             sent = await self.reply(ask, text)
+            await self._record_progress_message(directory, sent.message_id)
             try:
                 await self.queue.count_today(ask.submitter)
                 await self._track(job_id, ask.chat_id, sent.message_id, text)
@@ -685,6 +702,25 @@ class ChatIntake:
         except TelegramError as exc:
             raise JobError(f"Telegram did not hand over the file: {self.redact(str(exc))}"
                            ) from None
+
+    async def _record_progress_message(self, directory: Path, message_id: int) -> None:
+        """On disk beside the spec: the delivery turns this message into the result, and
+        must find it even when Redis has forgotten it."""
+        try:
+            await asyncio.to_thread(files.write_json, directory / PROGRESS_FILE,
+                                    {"message_id": message_id})
+        except OSError as exc:  # a full disk: Redis (and this run's memory) still know it
+            log.warning("could not record the progress message in the job directory",
+                        path=str(directory), error=str(exc))
+
+    async def _progress_message_id(self, job_id: str, directory: Path) -> int | None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return int(json.loads((directory / PROGRESS_FILE).read_text())["message_id"])
+        # Not on disk: the disk was full, or the job was queued before that file existed.
+        if live := self._live.get(job_id):
+            return live.message_id
+        message_id = await self.redis.hget(job_key(job_id), "progress_message_id")
+        return None if message_id is None else int(message_id)
 
     def _lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
@@ -790,7 +826,8 @@ class ChatIntake:
     async def deliver(self, spec: JobSpec, outcome: JobOutcome, directory: Path) -> None:
         """Answer a finished job in its chat. Every step is recorded when done and skipped
         when found done, so the delivery loop may call this again after a failure or a
-        restart without anything arriving twice."""
+        restart. A step Telegram took just before a crash, unrecorded, is done again:
+        the result is an edit of the progress message, so it still arrives once."""
         if self.app is None:
             raise ChatUnavailable("the chat bot is disabled: its token is not set")
         try:  # just after a start, the bot may still be connecting
@@ -804,15 +841,14 @@ class ChatIntake:
                 if outcome.status == JobStatus.done:
                     await steps.run("video", lambda: self._send_primary(spec, outcome,
                                                                         directory, ask))
-                    if "report.html" in outcome.reports and \
-                            (directory / "report.html").is_file():
-                        await steps.run("report", lambda: self._send_report(spec, directory,
-                                                                            ask))
-                elif outcome.status == JobStatus.failed:
-                    await steps.run("failure", lambda: self._message_id(self.reply(
-                        ask, texts.final(spec.id, outcome.status, outcome.error))))
-                await steps.run("progress", lambda: self._finish_progress(spec, outcome,
-                                                                          directory))
+                    await steps.run("notice", lambda: self._send_notice(
+                        spec, outcome, directory, ask, steps.done["video"].get("message_id")))
+                else:
+                    if outcome.status == JobStatus.failed:
+                        await steps.run("failure", lambda: self._message_id(self.reply(
+                            ask, texts.final(spec.id, outcome.status, outcome.error))))
+                    await steps.run("progress", lambda: self._finish_progress(spec, outcome,
+                                                                              directory))
             except TelegramError as exc:
                 raise ChatUnavailable(self.redact(str(exc))) from None
         await self._forget(spec.id)
@@ -832,58 +868,53 @@ class ChatIntake:
 
     async def _send_primary(self, spec: JobSpec, outcome: JobOutcome, directory: Path,
                             ask: Ask) -> dict[str, Any]:
-        """The result, as a reply to the request: a video as a playable video, anything
-        else as a document."""
+        """The result, in place of the progress message: a video as a playable video,
+        anything else as a document."""
         assert outcome.primary is not None
         path = directory / outcome.primary
         report = _read_report(directory)
+        progress_id = await self._progress_message_id(spec.id, directory)
         if path.suffix.lower() == ".mp4":
-            return await self._send_video(spec, ask, path, report)
+            return await self._send_video(spec, ask, progress_id, path, report)
         if path.stat().st_size <= self.upload_limit:
-            assert self.app is not None
             try:
-                with open(path, "rb") as handle:
-                    sent = await self.app.bot.send_document(
-                        ask.chat_id, handle, filename=path.name,
-                        caption=texts.caption(spec.id, report),
-                        reply_parameters=_reply_to(ask.message_id),
-                        read_timeout=UPLOAD_TIMEOUT_S)
-                return {"message_id": sent.message_id, "sent_as": "upload"}
+                put = await self._put_file(ask, progress_id, path, InputMediaDocument,
+                                           filename=path.name,
+                                           caption=texts.caption(spec.id, report))
+                return {**put, "sent_as": "upload"}
             except NetworkError as exc:
                 if not _too_large(exc):
                     raise
-        return await self._instead_of_upload(spec, ask, path, report, self.upload_limit,
+        return await self._instead_of_upload(spec, ask, progress_id, path, report,
+                                             self.upload_limit,
                                              "only videos are re-encoded smaller")
 
-    async def _send_video(self, spec: JobSpec, ask: Ask, original: Path,
-                          report: dict[str, Any]) -> dict[str, Any]:
+    async def _send_video(self, spec: JobSpec, ask: Ask, progress_id: int | None,
+                          original: Path, report: dict[str, Any]) -> dict[str, Any]:
         """Over the upload limit: a link (with public_base_url), else a copy re-encoded
         to fit; the user is told which."""
-        assert self.app is not None
         limit, path, note = self.upload_limit, original, ""
         while True:
             size = path.stat().st_size
             if size > limit:
                 if self.chat.public_base_url:
-                    return await self._instead_of_upload(spec, ask, original, report, limit, "")
+                    return await self._instead_of_upload(spec, ask, progress_id, original,
+                                                         report, limit, "")
                 path = original.parent / SMALL_VIDEO
                 try:
                     await asyncio.to_thread(shrink_video, original, path, limit)
                 except VideoTooLarge as exc:
-                    return await self._instead_of_upload(spec, ask, original, report, limit,
-                                                         str(exc))
+                    return await self._instead_of_upload(spec, ask, progress_id, original,
+                                                         report, limit, str(exc))
                 size = path.stat().st_size
                 note = texts.reencoded(size, limit, original.stat().st_size)
             width, height, duration = await asyncio.to_thread(probe_video, path)
             try:
-                with open(path, "rb") as video:
-                    sent = await self.app.bot.send_video(
-                        ask.chat_id, video, filename=f"{spec.id}.mp4",
-                        duration=round(duration), width=width, height=height,
-                        supports_streaming=True,
-                        caption=texts.caption(spec.id, report, duration, note),
-                        reply_parameters=_reply_to(ask.message_id),
-                        read_timeout=UPLOAD_TIMEOUT_S)
+                put = await self._put_file(
+                    ask, progress_id, path, InputMediaVideo, filename=f"{spec.id}.mp4",
+                    duration=round(duration), width=width, height=height,
+                    supports_streaming=True,
+                    caption=texts.caption(spec.id, report, duration, note))
             except NetworkError as exc:
                 if not _too_large(exc):
                     raise
@@ -893,12 +924,11 @@ class ChatIntake:
                             job_id=spec.id, size_mb=round(size / 1024**2, 2))
                 limit = int(size * 0.8)
                 continue
-            return {"message_id": sent.message_id, "bytes": size,
-                    "sent_as": "reencoded" if note else "upload"}
+            return {**put, "bytes": size, "sent_as": "reencoded" if note else "upload"}
 
-    async def _instead_of_upload(self, spec: JobSpec, ask: Ask, path: Path,
-                                 report: dict[str, Any], limit: int, why_not_smaller: str
-                                 ) -> dict[str, Any]:
+    async def _instead_of_upload(self, spec: JobSpec, ask: Ask, progress_id: int | None,
+                                 path: Path, report: dict[str, Any], limit: int,
+                                 why_not_smaller: str) -> dict[str, Any]:
         """A file too large to upload: a signed link when the HTTP API is public, else
         an apology that says why."""
         size = path.stat().st_size
@@ -906,42 +936,107 @@ class ChatIntake:
             link = signed_file_link(self.config, spec.id, path.name)
             text = texts.link_instead(spec.id, report, link, size, limit,
                                       self.config.intake.http.link_ttl)
-            return {"message_id": (await self.reply(ask, text)).message_id, "sent_as": "link"}
+            return {**await self._put_text(ask, progress_id, text), "sent_as": "link"}
         text = texts.not_sent(spec.id, size, limit, why_not_smaller)
-        return {"message_id": (await self.reply(ask, text)).message_id, "sent_as": "nothing"}
+        return {**await self._put_text(ask, progress_id, text), "sent_as": "nothing"}
 
-    async def _send_report(self, spec: JobSpec, directory: Path, ask: Ask) -> dict[str, Any]:
-        """The HTML report as a document. It is a bonus: one too large to upload is
-        skipped (the log says so), not retried."""
+    async def _put_file(self, ask: Ask, progress_id: int | None, path: Path,
+                        media: type[InputMediaVideo] | type[InputMediaDocument],
+                        **fields: Any) -> dict[str, Any]:
+        """Upload ``path`` into the progress message (see ``_into_progress``); ``fields``
+        are what InputMediaVideo/Document and send_video/send_document both take."""
         assert self.app is not None
-        path = directory / "report.html"
-        if path.stat().st_size > self.upload_limit:
-            return {"skipped": "larger than max_upload_mb"}
-        try:
-            with open(path, "rb") as report:
-                sent = await self.app.bot.send_document(
-                    ask.chat_id, report, filename=f"{spec.id}.report.html",
-                    caption=texts.REPORT_CAPTION, reply_parameters=_reply_to(ask.message_id),
+        bot = self.app.bot
+
+        async def edit(message_id: int) -> object:
+            with open(path, "rb") as handle:
+                return await bot.edit_message_media(
+                    media(handle, **fields), chat_id=ask.chat_id, message_id=message_id,
                     read_timeout=UPLOAD_TIMEOUT_S)
-        except NetworkError as exc:
-            if not _too_large(exc):
-                raise
-            return {"skipped": "the Bot API refused it as too large"}
-        return {"message_id": sent.message_id}
+
+        async def send() -> Message:
+            upload = bot.send_video if media is InputMediaVideo else bot.send_document
+            with open(path, "rb") as handle:
+                return await upload(ask.chat_id, handle,
+                                    reply_parameters=_reply_to(ask.message_id),
+                                    read_timeout=UPLOAD_TIMEOUT_S, **fields)
+
+        return await self._into_progress(ask, progress_id, edit, send)
+
+    async def _put_text(self, ask: Ask, progress_id: int | None, text: str) -> dict[str, Any]:
+        """``text`` in place of the progress message's (see ``_into_progress``)."""
+        assert self.app is not None
+        bot = self.app.bot
+        return await self._into_progress(
+            ask, progress_id,
+            lambda message_id: bot.edit_message_text(text, chat_id=ask.chat_id,
+                                                     message_id=message_id),
+            lambda: self.reply(ask, text))
+
+    async def _into_progress(self, ask: Ask, progress_id: int | None,
+                             edit: Callable[[int], Awaitable[object]],
+                             send: Callable[[], Awaitable[Message]]) -> dict[str, Any]:
+        """Put the result into the job's progress message with ``edit``. An edit is
+        idempotent: done again after a crash (Telegram took it, the step was never
+        recorded), it gives that one message the same content again, so the user still
+        has one result. Without a progress message to edit, ``send`` sends the result as
+        a new reply to the request."""
+        if progress_id is not None:
+            try:
+                await edit(progress_id)
+                return {"message_id": progress_id, "edited": True}
+            except BadRequest as exc:
+                reason = str(exc).lower()
+                if "not modified" in reason:  # it has this content already: done before
+                    return {"message_id": progress_id, "edited": True}
+                if not any(why in reason for why in _UNEDITABLE):
+                    raise
+                log.info("the progress message cannot take the result; it goes as a new "
+                         "message", chat_id=ask.chat_id, message_id=progress_id,
+                         error=str(exc))
+        # The progress message is gone (the user deleted it), cannot take the result (see
+        # _UNEDITABLE) or was never recorded (the daemon died between sending and
+        # recording it). This is the only non-idempotent path left for a result: a crash
+        # after Telegram took the new message, before the step is recorded, sends it
+        # a second time.
+        return {"message_id": (await send()).message_id, "edited": False}
+
+    async def _send_notice(self, spec: JobSpec, outcome: JobOutcome, directory: Path,
+                           ask: Ask, result_id: int | None) -> dict[str, Any]:
+        """A new message after the result, as a reply to it, because an edit notifies
+        nobody: the HTML report as a document, or a short line when there is no report
+        (or it is too large to upload). Unlike the result, this one can arrive twice if
+        the daemon dies between Telegram taking it and the step being recorded."""
+        assert self.app is not None
+        reply = _reply_to(result_id or ask.message_id)
+        path = directory / "report.html"
+        if "report.html" in outcome.reports and path.is_file() and \
+                path.stat().st_size <= self.upload_limit:
+            try:
+                with open(path, "rb") as report:
+                    sent = await self.app.bot.send_document(
+                        ask.chat_id, report, filename=f"{spec.id}.report.html",
+                        caption=texts.report_notice(spec.id), reply_parameters=reply,
+                        read_timeout=UPLOAD_TIMEOUT_S)
+                return {"message_id": sent.message_id, "sent_as": "report"}
+            except NetworkError as exc:
+                if not _too_large(exc):
+                    raise
+        sent = await self.app.bot.send_message(ask.chat_id, texts.done_notice(spec.id),
+                                               reply_parameters=reply)
+        return {"message_id": sent.message_id, "sent_as": "line"}
 
     async def _finish_progress(self, spec: JobSpec, outcome: JobOutcome, directory: Path
                                ) -> dict[str, Any]:
+        """The last word of a failed or cancelled job in its progress message."""
         assert self.app is not None
-        message_id = await self.redis.hget(job_key(spec.id), "progress_message_id")
-        if message_id is None and (live := self._live.get(spec.id)):
-            message_id = live.message_id  # sent while Redis was away: never recorded there
+        message_id = await self._progress_message_id(spec.id, directory)
         if message_id is None:  # never sent (the reply failed), or forgotten long ago
             return {"skipped": "no progress message"}
-        render_s = (_read_report(directory).get("timings") or {}).get("total")
         await self.app.bot.edit_message_text(
-            texts.final(spec.id, outcome.status, outcome.error, render_s),
-            chat_id=spec.source.chat_id, message_id=int(message_id))
-        return {"message_id": int(message_id)}
+            texts.final(spec.id, outcome.status, outcome.error),
+            chat_id=spec.source.chat_id, message_id=message_id)
+        return {"message_id": message_id}
 
 
 class _DeliverySteps:

@@ -171,11 +171,11 @@ def remaining_s(state: dict[str, Any], now: float | None = None) -> float | None
     return max(0.0, elapsed * (100 - percent) / percent)
 
 
-def final(job_id: str, status: str, error: str | None, render_s: float | None = None) -> str:
-    """The last word in the progress message."""
+def final(job_id: str, status: str, error: str | None) -> str:
+    """How a finished job ended: the last word in the progress message of a failed or
+    cancelled one (a done one's turns into its result), and /status."""
     if status == JobStatus.done:
-        took = f" in {render_s:.1f} s" if render_s else ""
-        return f"✅ Job {job(job_id)} is done{took}."
+        return f"✅ Job {job(job_id)} is done."
     if status == JobStatus.cancelled:
         return f"🚫 Job {job(job_id)} was cancelled."
     return f"❌ Job {job(job_id)} failed: {_e(error or 'no reason was given')}"
@@ -219,7 +219,15 @@ def not_sent(job_id: str, size_bytes: int, limit_bytes: int, reason: str) -> str
             "so that large results come as links.")
 
 
-REPORT_CAPTION = "The report: storyboard, timings and parameters."
+def done_notice(job_id: str) -> str:
+    """Sent after the result, as a reply to it: the progress message turned into the
+    result by an edit, which notifies nobody."""
+    return f"✅ Job {job(job_id)} is done: see above."
+
+
+def report_notice(job_id: str) -> str:
+    """The report's caption: it is the notice when there is a report."""
+    return done_notice(job_id) + "\nThe report: storyboard, timings and parameters."
 
 
 # --- looking around ---------------------------------------------------------------------

@@ -4,18 +4,21 @@ real python-telegram-bot client talks to through ``base_url`` and ``base_file_ur
 It speaks the real JSON shapes (``{"ok": true, "result": ...}``, message objects with
 ``message_id``, ``chat``, ``date``, ``text``…), feeds scripted updates to ``getUpdates``
 with long-poll semantics (held briefly, answered at once when an update arrives),
-keeps the messages the bot sent so edits can be checked against them, records every
-call (multipart uploads by file name and size), and can misbehave on request: answer
-429 with ``retry_after``, 413 above an upload size, 500, or drop every connection as
-if the server were down, and come back.
+keeps the messages the bot sent so edits can be checked against them (an
+``editMessageMedia`` turns a text message into a video or document message, as
+Telegram does; ``videos`` lists the video messages a chat has), records every call
+(multipart uploads by file name and size), and can misbehave on request: answer 429
+with ``retry_after``, 413 above an upload size, 500, or drop every connection as if the
+server were down, and come back. ``delete`` removes a message, as a user can.
 
 It runs in its own thread with its own event loop, so it serves a bot in another
 process (a spawned daemon) and one in the test's own loop alike::
 
     with FakeBotApi() as api:
         ...  # base_url=api.base_url, base_file_url=api.base_file_url
-        request = api.send_text(USER, "/video a red fox")
-        api.wait_for("sendVideo")
+        request = api.user_message(USER, "/video a red fox")
+        api.wait_for("editMessageMedia")  # the progress message turned into the video
+        [video] = api.videos(USER)
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class _Fault:
     status: int
     retry_after: int | None
     remaining: int
+    description: str
 
 
 class FakeBotApi:
@@ -166,13 +170,21 @@ class FakeBotApi:
     def add_file(self, file_id: str, data: bytes, file_path: str) -> None:
         self.files[file_id] = (file_path, data)
 
+    def delete(self, chat_id: int, message_id: int) -> None:
+        """A user deletes a message (their own, or one of the bot's in a private chat)."""
+        with self._lock:
+            del self._messages[(chat_id, message_id)]
+
     # --- misbehaving ------------------------------------------------------------------
 
     def fail(self, method: str, status: int, *, retry_after: int | None = None,
-             times: int = 1) -> None:
-        """Answer the next ``times`` calls of ``method`` with an error ``status``."""
+             times: int = 1, reason: str | None = None) -> None:
+        """Answer the next ``times`` calls of ``method`` with an error ``status``, and
+        ``reason`` after the status's name, as Telegram words its errors ("Bad Request:
+        message can't be edited")."""
+        description = _REASONS[status] + (f": {reason}" if reason else "")
         with self._lock:
-            self._faults[method] = _Fault(status, retry_after, times)
+            self._faults[method] = _Fault(status, retry_after, times, description)
 
     def go_down(self) -> None:
         """Drop every connection without an answer until ``come_back``."""
@@ -201,6 +213,13 @@ class FakeBotApi:
     def message(self, chat_id: int, message_id: int) -> dict[str, Any]:
         with self._lock:
             return dict(self._messages[(chat_id, message_id)])
+
+    def videos(self, chat_id: int | None = None) -> list[dict[str, Any]]:
+        """The video messages in ``chat_id`` (every chat: None) as the chat shows them
+        now, whether sent as videos or edited into them, oldest first."""
+        with self._lock:
+            return [dict(m) for (chat, _), m in sorted(self._messages.items())
+                    if "video" in m and chat_id in (None, chat)]
 
     def wait_for(self, method: str, count: int = 1, timeout: float = 30,
                  **params: Any) -> list[Call]:
@@ -244,7 +263,7 @@ class FakeBotApi:
         if fault is not None:
             call.status = fault.status
             retry = {"retry_after": fault.retry_after} if fault.retry_after else None
-            return self._answer(call, _error(fault.status, _REASONS[fault.status], retry))
+            return self._answer(call, _error(fault.status, fault.description, retry))
         if sum(size for _, size in call.files.values()) > self.max_upload_bytes:
             call.status = 413
             return self._answer(call, _error(413, "Request Entity Too Large"))
@@ -379,20 +398,44 @@ class FakeBotApi:
                 message["reply_markup"] = params["reply_markup"]
             return dict(message)
 
+    def _m_editMessageMedia(self, params: dict[str, Any], files: dict[str, tuple[str, int]]
+                            ) -> dict[str, Any]:
+        """A message's media replaced, or added to a text message (as the Bot API allows): the
+        text goes, the media and its caption take its place; the message keeps its id, its
+        date and what it replies to."""
+        media = params["media"]
+        kind = media.get("type")
+        if kind not in ("video", "document"):  # all that the fake knows
+            raise _BadRequest("unsupported media type")
+        # An upload is named by "attach://<field>"; anything else is a file_id or a URL.
+        field_name = str(media["media"]).removeprefix("attach://")
+        upload = files.get(field_name, (str(media["media"]), 0))
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        with self._lock:
+            message = self._messages.get(key)
+            if message is None:
+                raise _BadRequest("message to edit not found")
+            if message["from"]["id"] != self.bot_user["id"]:
+                raise _BadRequest("message can't be edited")
+            for content in ("text", "entities", "caption", "video", "document"):
+                message.pop(content, None)
+            message[kind] = _media(kind, media, *upload)
+            message.update(_caption(media))
+            message["edit_date"] = int(time.time())
+            if "reply_markup" in params:
+                message["reply_markup"] = params["reply_markup"]
+            else:
+                message.pop("reply_markup", None)
+            return dict(message)
+
     def _m_sendVideo(self, params: dict[str, Any], files: dict[str, tuple[str, int]]
                      ) -> dict[str, Any]:
-        name, size = files.get("video", ("", 0))
-        video = {"file_id": f"video-{time.monotonic_ns()}", "file_unique_id": "v",
-                 "width": int(params.get("width") or 0), "height": int(params.get("height") or 0),
-                 "duration": int(params.get("duration") or 0), "file_name": name,
-                 "mime_type": "video/mp4", "file_size": size}
+        video = _media("video", params, *files.get("video", ("", 0)))
         return self._bot_message(params, video=video, **_caption(params))
 
     def _m_sendDocument(self, params: dict[str, Any], files: dict[str, tuple[str, int]]
                         ) -> dict[str, Any]:
-        name, size = files.get("document", ("", 0))
-        document = {"file_id": f"doc-{time.monotonic_ns()}", "file_unique_id": "d",
-                    "file_name": name, "file_size": size}
+        document = _media("document", params, *files.get("document", ("", 0)))
         return self._bot_message(params, document=document, **_caption(params))
 
     def _m_getFile(self, params: dict[str, Any], files: Any) -> dict[str, Any]:
@@ -461,6 +504,17 @@ def _json_or_text(name: str, value: str) -> Any:
 
 def _caption(params: dict[str, Any]) -> dict[str, Any]:
     return {"caption": params["caption"]} if params.get("caption") else {}
+
+
+def _media(kind: str, params: dict[str, Any], name: str, size: int) -> dict[str, Any]:
+    """A Video or Document object for an upload (or a file_id) and the call's fields."""
+    if kind == "document":
+        return {"file_id": f"doc-{time.monotonic_ns()}", "file_unique_id": "d",
+                "file_name": name, "file_size": size}
+    return {"file_id": f"video-{time.monotonic_ns()}", "file_unique_id": "v",
+            "width": int(params.get("width") or 0), "height": int(params.get("height") or 0),
+            "duration": int(params.get("duration") or 0), "file_name": name,
+            "mime_type": "video/mp4", "file_size": size}
 
 
 def _command_entities(text: str, key: str) -> dict[str, Any]:

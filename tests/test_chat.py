@@ -153,6 +153,12 @@ def edits(api: FakeBotApi, message_id: int, chat_id: int = ALICE) -> list:
     return api.sent("editMessageText", chat_id=chat_id, message_id=message_id)
 
 
+def upload(call) -> tuple[str, int]:
+    """The one file a call uploaded: (name, size). editMessageMedia names its field."""
+    [uploaded] = call.files.values()
+    return uploaded
+
+
 def job_ids(chat: ChatIntake) -> list[str]:
     jobs = chat.config.jobs_dir
     return sorted(p.parent.name for p in jobs.glob("*/spec.json")) if jobs.exists() else []
@@ -434,32 +440,100 @@ async def test_a_429_is_retried_after_retry_after(make_chat, bot_api):
 # --- delivery ---------------------------------------------------------------------------------
 
 
-async def test_delivery_resumes_where_it_failed_and_sends_nothing_twice(make_chat, bot_api,
-                                                                         rendered):
+async def test_the_progress_message_turns_into_the_video_and_nothing_comes_twice(
+        make_chat, bot_api, rendered):
     chat = await make_chat()
     request, job_id, progress_id = await ask_for_video(bot_api)
     await finish_like_a_worker(chat, job_id, rendered)
     bot_api.fail("sendDocument", 500)
     with pytest.raises(ChatUnavailable):
         await deliver(chat, job_id)
-    [video] = bot_api.sent("sendVideo")
+    [edit] = bot_api.sent("editMessageMedia")
     await deliver(chat, job_id)
     await deliver(chat, job_id)  # handed over again after a restart: nothing new
-    assert len(bot_api.sent("sendVideo")) == 1 and len(bot_api.sent("sendDocument")) == 1
+    assert len(bot_api.sent("editMessageMedia")) == 1 and bot_api.sent("sendVideo") == []
+    assert len(bot_api.sent("sendDocument")) == 1
 
-    params, (name, size) = video.params, video.files["video"]
-    assert params["reply_parameters"]["message_id"] == request["message_id"]
-    assert params["supports_streaming"] is True
-    assert (params["duration"], params["width"], params["height"]) == (6, 128, 96)
-    assert "A red fox runs through the snow" in params["caption"]
-    assert "6.0 s · 2 scenes · rendered in" in params["caption"]
+    # The progress message, a reply to the request, is now the video.
+    [video] = bot_api.videos(ALICE)
+    assert video["message_id"] == progress_id and "text" not in video
+    assert video["reply_to_message"]["message_id"] == request["message_id"]
+    assert video["caption"] == edit.params["media"]["caption"]
+    media, (name, size) = edit.params["media"], upload(edit)
+    assert (media["type"], media["supports_streaming"]) == ("video", True)
+    assert (media["duration"], media["width"], media["height"]) == (6, 128, 96)
+    assert media["parse_mode"] == "HTML"
+    assert "A red fox runs through the snow" in media["caption"]
+    assert "6.0 s · 2 scenes · rendered in" in media["caption"]
     assert size == (rendered / "video.mp4").stat().st_size and name == f"{job_id}.mp4"
+    # The report notifies the user (the edit did not), replying to the video.
     [report] = bot_api.sent("sendDocument")
     assert report.files["document"][0].endswith(".html")
-    assert "is done" in bot_api.message(ALICE, progress_id)["text"]
+    assert report.params["reply_parameters"]["message_id"] == progress_id
+    assert "is done: see above" in report.params["caption"]
     steps = json.loads((job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").read_text())
-    assert set(steps) == {"video", "report", "progress"}
+    assert set(steps) == {"video", "notice"} and steps["video"]["edited"] is True
     assert await chat.redis.sismember(chat_module.LIVE_KEY, job_id) == 0
+
+
+async def test_a_crash_after_telegram_took_the_video_leaves_one_video(make_chat, bot_api,
+                                                                      rendered):
+    chat = await make_chat()
+    _, job_id, progress_id = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    bot_api.fail("sendDocument", 500)
+    with pytest.raises(ChatUnavailable):
+        await deliver(chat, job_id)
+    # As if the daemon had died before recording the video step, and Redis forgot the
+    # job too: the progress message's id is also in the job directory.
+    (job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").unlink()
+    await chat.redis.delete(chat_module.job_key(job_id))
+    chat._live.clear()
+    await deliver(chat, job_id)
+    assert len(bot_api.sent("editMessageMedia", message_id=progress_id)) == 2
+    assert [v["message_id"] for v in bot_api.videos(ALICE)] == [progress_id]
+    assert bot_api.sent("sendVideo") == [] and len(bot_api.sent("sendDocument")) == 1
+
+
+@pytest.mark.parametrize("why", ["deleted", "old server"])
+async def test_a_progress_message_that_cannot_take_the_video_gets_it_as_a_new_reply(
+        make_chat, bot_api, rendered, why):
+    chat = await make_chat()
+    request, job_id, progress_id = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    if why == "deleted":
+        bot_api.delete(ALICE, progress_id)  # the user tidied up the chat
+    else:  # a self-hosted Bot API server that cannot add media to a text message
+        bot_api.fail("editMessageMedia", 400, reason="there is no media in the message to edit")
+    await deliver(chat, job_id)
+    [failed_edit] = bot_api.attempts("editMessageMedia")
+    assert failed_edit.status == 400
+    [video] = bot_api.sent("sendVideo")
+    assert video.params["reply_parameters"]["message_id"] == request["message_id"]
+    assert "6.0 s · 2 scenes" in video.params["caption"]
+    assert [v["message_id"] for v in bot_api.videos(ALICE)] == [video.result["message_id"]]
+    [report] = bot_api.sent("sendDocument")
+    assert report.params["reply_parameters"]["message_id"] == video.result["message_id"]
+
+
+async def test_a_result_that_is_not_a_video_turns_the_progress_message_into_a_document(
+        make_chat, bot_api):
+    chat = await make_chat()
+    _, job_id, progress_id = await ask_for_video(bot_api)
+    directory = job_dir(chat.config.jobs_dir, job_id)
+    (directory / "notes.txt").write_text("scene list\n")
+    JobOutcome(JobStatus.done, primary="notes.txt").write(directory)  # and no report
+    await chat.queue.finish(job_id, JobStatus.done)
+    await deliver(chat, job_id)
+    [edit] = bot_api.sent("editMessageMedia")
+    assert edit.params["media"]["type"] == "document" and upload(edit) == ("notes.txt", 11)
+    result = bot_api.message(ALICE, progress_id)
+    assert result["document"]["file_name"] == "notes.txt" and job_id in result["caption"]
+    assert bot_api.sent("sendDocument") == []
+    # Without a report, a short line tells the user, as a reply to the result.
+    notice = bot_api.sent("sendMessage", chat_id=ALICE)[-1].params
+    assert "is done: see above" in notice["text"]
+    assert notice["reply_parameters"]["message_id"] == progress_id
 
 
 async def test_an_outage_delays_the_video_but_it_arrives_once(make_chat, bot_api, rendered):
@@ -475,13 +549,14 @@ async def test_an_outage_delays_the_video_but_it_arrives_once(make_chat, bot_api
         while not loop.failures.get(job_id):
             await asyncio.sleep(0.05)
         bot_api.come_back()
-        await bot_api.until("sendVideo", timeout=20)
+        await bot_api.until("editMessageMedia", timeout=20)
         await bot_api.until("sendDocument")
         await asyncio.sleep(1)
     finally:
         stop.set()
         await delivering
-    assert len(bot_api.sent("sendVideo")) == 1 and len(bot_api.sent("sendDocument")) == 1
+    assert len(bot_api.sent("editMessageMedia")) == 1 and len(bot_api.videos(ALICE)) == 1
+    assert len(bot_api.sent("sendDocument")) == 1
 
 
 async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_api, rendered):
@@ -494,11 +569,12 @@ async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_
     _, job_id, _ = await ask_for_video(bot_api)
     await finish_like_a_worker(chat, job_id, rendered)
     await deliver(chat, job_id)
-    [refused] = [c for c in bot_api.attempts("sendVideo") if c.status == 413]
-    [video] = bot_api.sent("sendVideo")
-    name, size = video.files["video"]
-    assert size <= bot_api.max_upload_bytes < refused.files["video"][1]
-    assert "Re-encoded to" in video.params["caption"] and "upload limit" in video.params["caption"]
+    [refused] = [c for c in bot_api.attempts("editMessageMedia") if c.status == 413]
+    [video] = bot_api.sent("editMessageMedia")
+    name, size = upload(video)
+    assert size <= bot_api.max_upload_bytes < upload(refused)[1]
+    caption = video.params["media"]["caption"]
+    assert "Re-encoded to" in caption and "upload limit" in caption
     small = job_dir(chat.config.jobs_dir, job_id) / chat_module.SMALL_VIDEO
     assert small.stat().st_size == size
     frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(small))
@@ -508,11 +584,11 @@ async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_
 async def test_with_a_public_url_a_large_video_comes_as_a_working_link(make_chat, bot_api,
                                                                        rendered):
     chat = await make_chat(max_upload_mb=0.008, public_base_url='"https://reel.example/"')
-    request, job_id, _ = await ask_for_video(bot_api)
+    request, job_id, progress_id = await ask_for_video(bot_api)
     await finish_like_a_worker(chat, job_id, rendered)
     await deliver(chat, job_id)
-    assert bot_api.sent("sendVideo") == []
-    text = bot_api.sent("sendMessage", chat_id=ALICE)[-1].params["text"]
+    assert bot_api.videos(ALICE) == []
+    text = bot_api.message(ALICE, progress_id)["text"]  # the progress message says it
     assert "link instead" in text
     url = text.split("https://reel.example")[1].split()[0].replace("&amp;", "&")
     async with TestClient(TestServer(HttpApi(chat.config, chat.queue).app())) as http:
@@ -579,16 +655,15 @@ def test_end_to_end_a_video_from_chat(tmp_path, redis_url, bot_api, spawn):
     job_id = text.split("<code>")[1].split("</code>")[0]
     progress_id = reply.result["message_id"]
 
-    video = bot_api.wait_for("sendVideo", timeout=60)[0]
+    bot_api.wait_for("editMessageMedia", timeout=60, message_id=progress_id)
     bot_api.wait_for("sendDocument", timeout=20)
-    wait_for(lambda: "is done" in bot_api.message(ALICE, progress_id)["text"], what="final edit")
-    assert video.params["reply_parameters"]["message_id"] == request["message_id"]
-    assert video.params["supports_streaming"] is True
+    [video] = bot_api.videos(ALICE)  # the progress message, turned into the video
+    assert video["message_id"] == progress_id
+    assert video["reply_to_message"]["message_id"] == request["message_id"]
     report = json.loads((tmp_path / "var" / "jobs" / job_id / "report.json").read_text())
-    assert (video.params["width"], video.params["height"], video.params["duration"]) == (
+    assert (video["video"]["width"], video["video"]["height"], video["video"]["duration"]) == (
         480, 272, round(report["output"]["duration_s"]))
-    assert "A red fox runs through the snow" in video.params["caption"] and job_id in \
-        video.params["caption"]
+    assert "A red fox runs through the snow" in video["caption"] and job_id in video["caption"]
     progress = [c.params["text"] for c in bot_api.sent("editMessageText", message_id=progress_id)]
     assert any("%" in text for text in progress), progress
     assert (tmp_path / "var" / "jobs" / job_id / "chat-delivery.json").exists()
@@ -622,15 +697,16 @@ def test_end_to_end_an_outage_and_a_killed_daemon_deliver_exactly_once(tmp_path,
     wait_for(lambda: "delivery failed; will retry" in daemon.log(), timeout=20,
              what="a failed delivery")
     daemon.kill()  # SIGKILL with the delivery pending
-    assert bot_api.sent("sendVideo") == []
+    assert bot_api.videos(ALICE) == []
     bot_api.come_back()
     daemon = spawn("daemon")
-    bot_api.wait_for("sendVideo", timeout=30)
+    bot_api.wait_for("editMessageMedia", timeout=30)
     bot_api.wait_for("sendDocument", timeout=20)
-    wait_for(lambda: "is done" in bot_api.message(ALICE, reply.result["message_id"])["text"],
-             what="the final edit")
     time.sleep(1.5)  # anything sent twice would show up now
-    assert len(bot_api.sent("sendVideo")) == 1 and len(bot_api.sent("sendDocument")) == 1
+    [video] = bot_api.videos(ALICE)
+    assert video["message_id"] == reply.result["message_id"]
+    assert len(bot_api.sent("editMessageMedia")) == 1 and bot_api.sent("sendVideo") == []
+    assert len(bot_api.sent("sendDocument")) == 1
     assert daemon.stop() == 0
     assert TOKEN not in daemon.log()
 

@@ -380,14 +380,28 @@ def check_chat(api: FakeBotApi, driver: ChatDriver, specs: list[JobSpec],
                 if (c.params.get("reply_parameters") or {}).get("message_id")
                 == request.message_id]
 
+    def replied_to(message: dict) -> int | None:
+        return (message.get("reply_to_message") or {}).get("message_id")
+
+    def video_sends(chat_id: int, message_ids: set[int]) -> list:
+        """The calls that put a video into these messages, in order: a sendVideo, or an
+        edit of the progress message (done again after a crash, it is still one video)."""
+        return sorted((c for method in ("sendVideo", "editMessageMedia")
+                       for c in api.sent(method, chat_id=chat_id)
+                       if "video" in c.result and c.result["message_id"] in message_ids),
+                      key=lambda c: c.at)
+
     for request in driver.requests:
         answers = [c.params["text"] for c in replies("sendMessage", request)]
         acknowledged = any("is queued" in a or "already job" in a for a in answers)
-        videos = replies("sendVideo", request)
+        # Video messages as the chat shows them now, each counted once however often
+        # its video was put in.
+        videos = [m for m in api.videos(request.chat_id) if replied_to(m) == request.message_id]
         failures = [a for a in answers if "failed:" in a]
         results = len(videos) + len(failures)
         if results > 1:
-            sends = [timeline.at(c.at) for c in videos]
+            sends = [timeline.at(c.at) for c in video_sends(
+                request.chat_id, {m["message_id"] for m in videos})]
             tally.duplicated.append(f"{request.tag}: {len(videos)} videos (sent at {sends}), "
                                     f"{len(failures)} failure messages")
         if any("Not queued" in a for a in answers):
@@ -402,7 +416,7 @@ def check_chat(api: FakeBotApi, driver: ChatDriver, specs: list[JobSpec],
                               f"{request.message_id}): answers {answers}")
         elif videos:
             tally.done += 1
-            job_id = re.search(r"job <code>(\w+)</code>", videos[0].params.get("caption", ""))
+            job_id = re.search(r"job <code>(\w+)</code>", videos[0].get("caption", ""))
             if job_id:
                 check_video(jobs_dir / job_id.group(1) / "video.mp4", request.tag, tally)
         else:
@@ -417,10 +431,9 @@ def check_chat(api: FakeBotApi, driver: ChatDriver, specs: list[JobSpec],
         if spec.source.channel == Channel.chat and \
                 (spec.source.chat_id, spec.source.message_id) not in known:
             tally.phantom.append(f"job {spec.id} for a message never sent: {spec.source}")
-    for call in api.sent("sendVideo"):
-        reply_to = (call.params.get("reply_parameters") or {}).get("message_id")
-        if (int(call.params["chat_id"]), reply_to) not in known:
-            tally.phantom.append(f"a video for message {reply_to} nobody sent")
+    for video in api.videos():
+        if (video["chat"]["id"], replied_to(video)) not in known:
+            tally.phantom.append(f"a video for message {replied_to(video)} nobody sent")
     return tally
 
 

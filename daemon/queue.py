@@ -23,8 +23,10 @@ New jobs wait *parked* in arq's queue until a worker releases them: see daemon.s
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -172,6 +174,9 @@ class QueueClient:
             await self.redis.zadd(recent_key(spec.submitted_by), {spec.id: created})
         parked_until = datetime.fromtimestamp(
             schedule.parked_score(int(created * 1000)) / 1000, UTC)
+        if status is None or status.decode() == JobStatus.queued:
+            await self.redis.hset(schedule.PARKED_KEY, spec.id,
+                                  schedule.parked_entry(spec.priority, spec.submitted_by))
         job = await self.redis.enqueue_job(
             RUN_FUNCTION, spec.id, _job_id=spec.id, _expires=JOB_EXPIRY_S,
             _defer_until=parked_until,
@@ -193,9 +198,8 @@ class QueueClient:
         state: dict[str, Any] = _decode(raw)
         state["percent"] = float(state.get("percent") or 0)
         if state.get("status") == JobStatus.queued:
-            if positions is None:
-                positions = await self.queue_positions()
-            state["position"] = positions.get(job_id)
+            state["position"] = (positions.get(job_id) if positions is not None
+                                 else await self.queue_position(job_id))
         return state
 
     async def update_state(self, job_id: str, **fields: Any) -> None:
@@ -219,6 +223,7 @@ class QueueClient:
                 "updated_at": str(_now()),
             })
             pipe.expire(key, int(self.keep_results_s))
+            pipe.hdel(schedule.PARKED_KEY, job_id)  # cancelled while parked
             pipe.lpush(DELIVERIES_KEY, job_id)
             await pipe.execute()
         await self._publish(job_id, status=status, error=error)
@@ -232,25 +237,33 @@ class QueueClient:
 
     async def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when not waiting in the queue."""
-        return (await self.queue_positions()).get(job_id)
+        # The line is worked out only as far as this job: an interactive job ahead of a
+        # long batch backlog costs little.
+        for place, waiting in enumerate(await self._line(), start=1):
+            if waiting == job_id:
+                return place
+        return None
 
     async def queue_positions(self) -> dict[str, int]:
-        """Every waiting job's place in line, 1 for the next to start.
+        """Every waiting job's place in line, 1 for the next to start."""
+        return {job_id: place for place, job_id in enumerate(await self._line(), start=1)}
 
-        First the jobs already released to the workers (and jobs held for a retry), in
-        arq's order, then the parked ones in the order the policy would release them.
-        """
+    async def _line(self) -> Iterator[str]:
+        """The waiting jobs in the order they will start: first those already released to
+        the workers (and jobs held for a retry), in arq's order, then the parked ones in
+        the order the policy would release them."""
         unparked = await self.redis.zrangebyscore(QUEUE_NAME, "-inf", f"({PARKED_BASE_MS}")
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in unparked:
                 pipe.exists(in_progress_key_prefix + raw.decode())
             # Running jobs stay in arq's queue until they finish: they are not waiting.
             running = await pipe.execute()
-        line = [raw.decode() for raw, busy in zip(unparked, running, strict=True) if not busy]
-        line += schedule.dispatch_order(await schedule.parked_jobs(self.redis),
-                                        await schedule.served_turns(self.redis),
-                                        int(self.interactive_lead_s * 1000))
-        return {job_id: place for place, job_id in enumerate(line, start=1)}
+        released = [raw.decode() for raw, busy in zip(unparked, running, strict=True)
+                    if not busy]
+        parked = schedule.dispatch_order(await schedule.parked_jobs(self.redis),
+                                         await schedule.served_turns(self.redis),
+                                         int(self.interactive_lead_s * 1000))
+        return itertools.chain(released, parked)
 
     async def active_jobs(self, submitted_by: str, scan: int = 200) -> list[dict[str, Any]]:
         """The submitter's queued and running jobs, newest first (among their last

@@ -40,6 +40,7 @@ PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 PARKED_BASE_MS = 10**13
 QUEUE_NAME = default_queue_name
 PREFIX = "reelqueue:"
+PARKED_KEY = PREFIX + "parked"  # hash job id -> "<class>\t<submitter>" while parked
 SERVED_KEY = PREFIX + "served"  # hash "<class>:<submitter>" -> turn it was last served
 TURN_KEY = PREFIX + "served:turn"  # counter of releases, the clock of the round robin
 
@@ -48,8 +49,10 @@ def parked_score(created_ms: int) -> int:
     return PARKED_BASE_MS + created_ms
 
 
-def is_parked(score: float) -> bool:
-    return score >= PARKED_BASE_MS
+def parked_entry(priority: Priority, submitter: str) -> str:
+    """What the policy needs to know of a parked job, kept in one hash so that reading
+    a long queue's worth of it is one command."""
+    return f"{priority}\t{submitter}"
 
 
 @dataclass(frozen=True)
@@ -105,16 +108,14 @@ async def parked_jobs(redis: ArqRedis) -> list[Waiting]:
     parked = await redis.zrangebyscore(QUEUE_NAME, PARKED_BASE_MS, "+inf", withscores=True)
     if not parked:
         return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for raw_id, _ in parked:
-            pipe.hmget(f"{PREFIX}job:{raw_id.decode()}", "priority", "submitted_by")
-        fields = await pipe.execute()
+    entries = await redis.hmget(PARKED_KEY, [raw_id for raw_id, _ in parked])
     waiting = []
-    for (raw_id, score), (priority, submitter) in zip(parked, fields, strict=True):
+    for (raw_id, score), entry in zip(parked, entries, strict=True):
+        priority, _, submitter = (entry or b"").decode().partition("\t")
         waiting.append(Waiting(
             job_id=raw_id.decode(),
-            priority="batch" if priority == b"batch" else "interactive",
-            submitter=submitter.decode() if submitter else "",
+            priority="batch" if priority == "batch" else "interactive",
+            submitter=submitter,
             created_ms=int(score) - PARKED_BASE_MS,
         ))
     return waiting
@@ -156,7 +157,8 @@ async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None
     async with redis.pipeline(transaction=True) as pipe:
         # XX: a job cancelled since we looked stays gone.
         pipe.zadd(QUEUE_NAME, {job: now_ms}, xx=True)
+        pipe.hdel(PARKED_KEY, job)
         pipe.incr(TURN_KEY)
-        turn, = (await pipe.execute())[1:]
+        turn = (await pipe.execute())[-1]
     await redis.hset(SERVED_KEY, _turn_key(chosen.priority, chosen.submitter), turn)
     return job

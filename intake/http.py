@@ -341,13 +341,14 @@ class HttpApi:
             other = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
             return await self._replay(other.decode(), caller)
         try:
-            await self.queue.enqueue(spec)
+            queued = await self.queue.enqueue(spec)
         except QueueFull as exc:
             await self.queue.redis.delete(_idem_key(caller.name, idempotency_key))
             shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
             raise ApiError(503, str(exc)) from None
         await self.queue.count_today(caller.name)
-        state = await self.queue.get_state(job_id) or {}
+        # The position enqueue just worked out: telling it again would cost as much.
+        state = await self.queue.get_state(job_id, {job_id: queued.position}) or {}
         log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
                  request_id=request[REQUEST_ID])
         return self._accepted(state)

@@ -16,6 +16,7 @@ from tests.conftest import Process, wait_for
 from tests.fault.stack import (
     TINY_FRAMES,
     drop,
+    embedded_redis,
     fault_config,
     frame_count,
     kill_redis,
@@ -69,7 +70,11 @@ def kill_and_wait_for_redis(state_dir: Path) -> float:
     gone = time.monotonic()
     wait_for(lambda: redis_pid(state_dir) not in (None, killed), timeout=BACK_S,
              interval=0.05, what="the embedded Redis back")
-    return time.monotonic() - gone
+    back = time.monotonic() - gone
+    # Started is not loaded: until its AOF is read, Redis answers "loading".
+    wait_for(lambda: embedded_redis(state_dir).is_running(), timeout=BACK_S, interval=0.05,
+             what="the embedded Redis answering")
+    return back
 
 
 def both_jobs_run(start, config_file: Path, inbox: Path, state_dir: Path) -> None:

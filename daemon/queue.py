@@ -174,7 +174,8 @@ class QueueClient:
             await self.redis.zadd(recent_key(spec.submitted_by), {spec.id: created})
         parked_until = datetime.fromtimestamp(
             schedule.parked_score(int(created * 1000)) / 1000, UTC)
-        if status is None or status.decode() == JobStatus.queued:
+        if await self.redis.zscore(QUEUE_NAME, spec.id) is None:
+            # Not in arq's queue yet (new, or its first enqueue died half way).
             await self.redis.hset(schedule.PARKED_KEY, spec.id,
                                   schedule.parked_entry(spec.priority, spec.submitted_by))
         job = await self.redis.enqueue_job(
@@ -185,6 +186,14 @@ class QueueClient:
         if job is not None:
             await self._publish(spec.id, status=JobStatus.queued)
         return EnqueueResult(spec.id, job is not None, position)
+
+    async def park_again(self, spec: JobSpec) -> float:
+        """Send a released job back among the parked ones, in its old place: returns the
+        delay that makes arq's ``Retry`` put it there."""
+        await self.redis.hset(schedule.PARKED_KEY, spec.id,
+                              schedule.parked_entry(spec.priority, spec.submitted_by))
+        parked_ms = schedule.parked_score(int(spec.created_at.timestamp() * 1000))
+        return (parked_ms - _now() * 1000) / 1000
 
     # --- live state -------------------------------------------------------------------
 
@@ -237,8 +246,8 @@ class QueueClient:
 
     async def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when not waiting in the queue."""
-        # The line is worked out only as far as this job: an interactive job ahead of a
-        # long batch backlog costs little.
+        # The policy's order is followed only as far as this job (the parked jobs are
+        # still all read and sorted).
         for place, waiting in enumerate(await self._line(), start=1):
             if waiting == job_id:
                 return place

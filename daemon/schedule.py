@@ -22,9 +22,9 @@ The policy, as ``dispatch_order`` computes it:
 
 from __future__ import annotations
 
-import heapq
+import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -74,32 +74,38 @@ def dispatch_order(waiting: list[Waiting], served: dict[str, int],
     ``served`` maps "<class>:<submitter>" to the turn that submitter was last served
     (missing: never). The order holds as long as no job arrives or leaves meanwhile.
     """
-    lead = {"interactive": 0, "batch": interactive_lead_ms}
-    queues: dict[str, dict[str, deque[Waiting]]] = defaultdict(dict)
+    queues: dict[str, dict[str, deque[Waiting]]] = {p: {} for p in PRIORITIES}
     for job in sorted(waiting, key=lambda j: (j.created_ms, j.job_id)):
         queues[job.priority].setdefault(job.submitter, deque()).append(job)
-    # Per class, submitters by (last served turn, their oldest job): the round robin.
-    turns = {
-        priority: [(served.get(_turn_key(priority, who), 0), jobs[0].created_ms, who)
-                   for who, jobs in by_submitter.items()]
-        for priority, by_submitter in queues.items()
-    }
-    for heap in turns.values():
-        heapq.heapify(heap)
+    turns = {p: {who: served.get(_turn_key(p, who), 0) for who in queues[p]}
+             for p in PRIORITIES}
     turn = max(served.values(), default=0)
-    while any(turns.values()):
-        # The class whose oldest job, plus its handicap, is oldest goes first.
-        priority = min(
-            (p for p in PRIORITIES if turns.get(p)),
-            key=lambda p: min(jobs[0].created_ms for jobs in queues[p].values()) + lead[p],
-        )
-        _, _, who = heapq.heappop(turns[priority])
+
+    def round_robin(priority: str, queued_before_ms: float = math.inf) -> str | None:
+        """The submitter of the class served least recently (then: whose next job is
+        oldest), among those whose next job was queued before ``queued_before_ms``."""
+        candidates = [(turns[priority][who], jobs[0].created_ms, who)
+                      for who, jobs in queues[priority].items()
+                      if jobs[0].created_ms < queued_before_ms]
+        return min(candidates)[2] if candidates else None
+
+    while queues["interactive"] or queues["batch"]:
+        priority, who = "interactive", round_robin("interactive")
+        if who is None:
+            priority, who = "batch", round_robin("batch")
+        else:
+            # The age bonus: batch jobs queued more than the lead before the interactive
+            # job that would go next go first, taking turns among themselves.
+            aged = round_robin("batch", queues["interactive"][who][0].created_ms
+                               - interactive_lead_ms)
+            if aged is not None:
+                priority, who = "batch", aged
+        assert who is not None
         jobs = queues[priority][who]
         yield jobs.popleft().job_id
         turn += 1
-        if jobs:
-            heapq.heappush(turns[priority], (turn, jobs[0].created_ms, who))
-        else:
+        turns[priority][who] = turn
+        if not jobs:
             del queues[priority][who]
 
 
@@ -142,8 +148,8 @@ async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None
     """Called by an idle worker before it looks at the queue: unless a job is already
     waiting to be started, release the parked job the policy picks. Returns its id.
 
-    Two idle workers may release at the same moment; each then starts one of the two
-    jobs, which is what two idle workers should do anyway.
+    Two idle workers looking at the same moment release the same job; arq starts it
+    once, and the other worker releases the next one a poll later.
     """
     if await released_waiting(redis):
         return None
@@ -153,10 +159,10 @@ async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None
     served = await served_turns(redis)
     job = next(dispatch_order(waiting, served, int(interactive_lead_s * 1000)))
     chosen = next(w for w in waiting if w.job_id == job)
-    now_ms = int(time.time() * 1000)
+    # XX: a job cancelled since we looked stays gone (and its submitter keeps the turn).
+    if not await redis.zadd(QUEUE_NAME, {job: int(time.time() * 1000)}, xx=True, ch=True):
+        return None
     async with redis.pipeline(transaction=True) as pipe:
-        # XX: a job cancelled since we looked stays gone.
-        pipe.zadd(QUEUE_NAME, {job: now_ms}, xx=True)
         pipe.hdel(PARKED_KEY, job)
         pipe.incr(TURN_KEY)
         turn = (await pipe.execute())[-1]

@@ -13,6 +13,7 @@ from daemon.config import Config, QueueConfig, StateConfig, load_config
 from daemon.jobs import JobSpec, Source, new_job_id, write_spec
 from daemon.queue import QueueClient, QueueFull
 from daemon.redis_server import EmbeddedRedis
+from daemon.schedule import PARKED_BASE_MS
 from intake.folder import FolderIntake
 from intake.http import HttpApi
 from tests.conftest import wait_for, write_config
@@ -126,17 +127,27 @@ def test_jobs_are_held_while_the_disk_is_nearly_full(tmp_path, redis_url, spawn)
 
     config_file = write_config(tmp_path, redis_url, queue="min_free_gb = 1000000")
     spawn("daemon")
-    spawn("worker")
-    drop(inbox_of(config_file), "big.txt", b"a red fox on a full disk")
+    for name in ("one", "two", "three"):
+        drop(inbox_of(config_file), f"{name}.txt", f"a {name} fox on a full disk".encode())
     jobs = tmp_path / "var" / "jobs"
-    wait_for(lambda: list(jobs.glob("*/spec.json")), what="the job")
-    job_id = next(jobs.iterdir()).name
+    wait_for(lambda: len(list(jobs.glob("*/spec.json"))) == 3, what="the jobs")
+    spawn("worker")
 
-    def held() -> bool:
-        return "held:" in run_cli(config_file, "status", job_id).stdout
+    with redis_sync.Redis.from_url(redis_url) as client:
+        def holds() -> list[str]:
+            return [job.name for job in jobs.iterdir()
+                    if client.hget(f"reelqueue:job:{job.name}", "stage") == b"held"]
 
-    wait_for(held, timeout=30, what="the hold")
-    assert not (jobs / job_id / "log.jsonl").exists()  # never started
+        wait_for(holds, timeout=30, what="the hold")
+        time.sleep(2)  # the worker polls every 50 ms: time enough to cascade, if it did
+        assert len(holds()) == 1  # the next job would be held too: it is not tried yet
+        # Back in its place among the parked jobs, not left due to run in a loop.
+        assert all(score >= PARKED_BASE_MS for _, score in
+                   client.zrange("arq:queue", 0, -1, withscores=True))
+        assert client.hlen("reelqueue:parked") == 3
+    held = holds()[0]
+    assert "held:" in run_cli(config_file, "status", held).stdout
+    assert not (jobs / held / "log.jsonl").exists()  # never started
 
 
 def test_low_disk_message_names_the_folder_and_the_setting(tmp_path):

@@ -39,6 +39,15 @@ def test_a_batch_job_waiting_longer_than_the_lead_goes_first():
     assert order(jobs) == ["i0", "b1", "i1"]
 
 
+def test_the_age_bonus_goes_to_the_aged_batch_jobs_not_to_their_class():
+    # bob's batch job is young: ann's old one takes the bonus although bob's turn is
+    # due first, and bob's waits for the interactive job.
+    jobs = [("ann-old", "batch", "ann", 0), ("bob-new", "batch", "bob", 2 * HOUR_MS - 60_000),
+            ("cy-now", "interactive", "cy", 2 * HOUR_MS - 30_000)]
+    served = {"batch:ann": 5, "batch:bob": 1}
+    assert order(jobs, served) == ["ann-old", "cy-now", "bob-new"]
+
+
 def test_round_robin_between_submitters_and_fifo_within_one():
     drop = [(f"a{n}", "batch", "ann", n) for n in range(5)]
     later = [("b0", "batch", "bob", 100), ("b1", "batch", "bob", 101)]

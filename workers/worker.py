@@ -206,10 +206,13 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
 
     low = low_disk_space(config, spec)
     if low:
-        # Holding beats writing half-files: the job waits in the queue and is tried again.
+        # Holding beats writing half-files: the job goes back to its place in the queue,
+        # and this worker releases no job for a while (the next would be held too).
         await queue.update_state(job_id, status=JobStatus.queued, stage="held", message=low)
-        bound.warning("job held: low disk space", reason=low)
-        raise Retry(defer=DISK_RETRY_S)
+        bound.warning("job held: low disk space", reason=low, retry_in_s=DISK_RETRY_S)
+        if isinstance(state.arq_worker, PolicyWorker):
+            state.arq_worker.hold_releases(DISK_RETRY_S)
+        raise Retry(defer=await queue.park_again(spec))
 
     attempts = await redis.incr(attempts_key(job_id))
     await redis.expire(attempts_key(job_id), int(config.worker.keep_results))
@@ -330,9 +333,14 @@ class PolicyWorker(Worker):
     def __init__(self, *args: Any, interactive_lead_s: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.interactive_lead_s = interactive_lead_s
+        self._releases_held_until = 0.0
+
+    def hold_releases(self, seconds: float) -> None:
+        self._releases_held_until = time.monotonic() + seconds
 
     async def _poll_iteration(self) -> None:
-        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs \
+                and time.monotonic() >= self._releases_held_until:
             job_id = await release_next(self.pool, self.interactive_lead_s)
             if job_id:
                 log.debug("released the next job", job_id=job_id)

@@ -95,7 +95,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     asyncio.run(_ping(url))
     try:
         create_worker(config, url, name=args.name).run()
-    except (RedisError, OSError) as exc:
+    except RedisError as exc:
         # Redis went away under the running worker. Its supervisor (reelqueue up, systemd)
         # starts it again; the job it ran is recovered as after a crash.
         _error(f"lost the connection to Redis at {url} ({exc}); exiting so that the "

@@ -87,6 +87,14 @@ class FolderIntakeConfig(_Section):
     settle: Duration = 2.0
     max_file_mb: float = Field(default=1.0, gt=0)
     priority: Priority = "batch"
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError('is now a queue class: "batch" (the default for folders) or '
+                             '"interactive"; see [queue] interactive_lead')
+        return value
     options: dict[str, Any] = Field(default_factory=dict)
 
 

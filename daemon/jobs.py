@@ -17,7 +17,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from daemon import files
 from daemon.schedule import Priority
@@ -70,6 +77,16 @@ class JobSpec(BaseModel):
     # Which class it queues in (daemon.schedule): interactive jobs go before batch ones.
     priority: Priority = "interactive"
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Specs written before the queue had classes say ``"priority": 0``: such a job
+        # keeps the class its channel has now.
+        if isinstance(value, int) and not isinstance(value, bool):
+            source = info.data.get("source")
+            return "batch" if source and source.channel == Channel.folder else "interactive"
+        return value
 
 
 @dataclass

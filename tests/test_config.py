@@ -42,6 +42,8 @@ def test_environment_variable_selects_the_file(tmp_path, monkeypatch):
     ('[redis]\nurl = "http://x"\n', "redis.url = 'http://x': must be empty"),
     ('[[intake.folder]]\nkind = "video"\n', "intake.folder[0].path: Field required"),
     ('[video\n', "not valid TOML"),
+    ('[[intake.folder]]\npath = "in"\npriority = 0\n',
+     'intake.folder[0].priority = 0: is now a queue class: "batch"'),
 ])
 def test_bad_config_names_key_value_and_reason(tmp_path, text, expected):
     path = tmp_path / "bad.toml"

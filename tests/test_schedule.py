@@ -67,6 +67,13 @@ def test_turns_are_kept_per_class():
     assert order(jobs, {"interactive:ann": 9}) == ["a0", "b0"]
 
 
+def test_specs_from_before_the_queue_classes_keep_their_channels_class():
+    old = {"id": "j1", "kind": "video", "priority": 0, "source": {"channel": "folder"}}
+    assert JobSpec.model_validate(old).priority == "batch"
+    old["source"] = {"channel": "chat", "chat_id": 1}
+    assert JobSpec.model_validate(old).priority == "interactive"
+
+
 # --- on a real Redis --------------------------------------------------------------------
 
 

@@ -841,6 +841,11 @@ class ChatIntake:
                 if outcome.status == JobStatus.done:
                     await steps.run("video", lambda: self._send_primary(spec, outcome,
                                                                         directory, ask))
+                    if steps.done["video"].get("edited") is False:
+                        # The result went as a new message: a progress message still
+                        # there gets the last word instead of staying at its last percent.
+                        await steps.run("progress", lambda: self._finish_progress(
+                            spec, outcome, directory))
                     await steps.run("notice", lambda: self._send_notice(
                         spec, outcome, directory, ask, steps.done["video"].get("message_id")))
                 else:
@@ -1028,7 +1033,8 @@ class ChatIntake:
 
     async def _finish_progress(self, spec: JobSpec, outcome: JobOutcome, directory: Path
                                ) -> dict[str, Any]:
-        """The last word of a failed or cancelled job in its progress message."""
+        """The last word of a job in its progress message, when the message did not
+        become the result (failed, cancelled, or the result went as a new message)."""
         assert self.app is not None
         message_id = await self._progress_message_id(spec.id, directory)
         if message_id is None:  # never sent (the reply failed), or forgotten long ago

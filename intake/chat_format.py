@@ -172,8 +172,8 @@ def remaining_s(state: dict[str, Any], now: float | None = None) -> float | None
 
 
 def final(job_id: str, status: str, error: str | None) -> str:
-    """How a finished job ended: the last word in the progress message of a failed or
-    cancelled one (a done one's turns into its result), and /status."""
+    """How a finished job ended: the last word in a progress message that did not turn
+    into the result, and /status."""
     if status == JobStatus.done:
         return f"✅ Job {job(job_id)} is done."
     if status == JobStatus.cancelled:

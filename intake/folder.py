@@ -375,7 +375,8 @@ def _error_text(filename: str, reason: str, job_id: str | None, inbox: Path) -> 
     return (
         f'reelqueue could not make "{filename}"{job}.\n\n'
         f"Reason: {reason}.\n\n"
-        f"Your request file was moved here unchanged. Fix it and drop it into {inbox} again.\n"
+        f"Your request file was moved here unchanged. Once the reason above is dealt "
+        f"with, drop it into {inbox} again.\n"
         f"({when})\n"
     )
 

@@ -36,15 +36,6 @@ def kill(server: EmbeddedRedis) -> None:
     wait_for(lambda: not server.listening(), timeout=5, what="redis-server gone")
 
 
-def connected(server: EmbeddedRedis) -> bool:
-    """Someone besides this check is connected (the daemon has opened its queue)."""
-    try:
-        with redis_sync.Redis.from_url(server.url) as client:
-            return len(client.client_list()) > 1
-    except redis_sync.RedisError:
-        return False
-
-
 def test_the_supervisor_restarts_a_killed_embedded_redis_on_its_aof(tmp_path):
     supervisor = Supervisor(load_config(write_config(tmp_path)), None)
     supervisor.children = []  # no daemon to revive Redis: only the supervisor can
@@ -69,8 +60,9 @@ async def test_the_daemon_restarts_a_killed_embedded_redis(tmp_path, monkeypatch
     stop = asyncio.Event()
     daemon = asyncio.create_task(service.run_daemon(config, stop))
     try:
-        await asyncio.to_thread(wait_for, lambda: connected(server), 30, 0.05,
-                                "the daemon connected")
+        # Its intakes start after its queue is open and its watch on Redis runs.
+        failed = config.intake.folder[0].path / "failed"
+        await asyncio.to_thread(wait_for, failed.is_dir, 30, 0.05, "the daemon ready")
         await asyncio.to_thread(kill, server)
         await asyncio.to_thread(wait_for, server.is_running, 5, 0.05, "Redis back")
         assert not daemon.done()

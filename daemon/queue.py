@@ -33,14 +33,14 @@ from typing import Any
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, job_key_prefix
 from arq.jobs import Job
 from arq.jobs import JobStatus as ArqJobStatus
 from redis.exceptions import RedisError
 
 from daemon import schedule
 from daemon.jobs import JobError, JobSpec, JobStatus
-from daemon.schedule import PARKED_BASE_MS, PREFIX, QUEUE_NAME
+from daemon.schedule import PREFIX, QUEUE_NAME
 
 RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
@@ -261,14 +261,7 @@ class QueueClient:
         """The waiting jobs in the order they will start: first those already released to
         the workers (and jobs held for a retry), in arq's order, then the parked ones in
         the order the policy would release them."""
-        unparked = await self.redis.zrangebyscore(QUEUE_NAME, "-inf", f"({PARKED_BASE_MS}")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for raw in unparked:
-                pipe.exists(in_progress_key_prefix + raw.decode())
-            # Running jobs stay in arq's queue until they finish: they are not waiting.
-            running = await pipe.execute()
-        released = [raw.decode() for raw, busy in zip(unparked, running, strict=True)
-                    if not busy]
+        released = await schedule.unparked_waiting(self.redis)
         parked = schedule.dispatch_order(await schedule.parked_jobs(self.redis),
                                          await schedule.served_turns(self.redis),
                                          int(self.interactive_lead_s * 1000))

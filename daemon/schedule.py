@@ -131,17 +131,20 @@ async def served_turns(redis: ArqRedis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in (await redis.hgetall(SERVED_KEY)).items()}
 
 
-async def released_waiting(redis: ArqRedis) -> list[str]:
-    """Jobs arq may start now that no worker has started yet, in arq's order."""
-    now_ms = int(time.time() * 1000)
-    due = await redis.zrangebyscore(QUEUE_NAME, "-inf", now_ms, start=0, num=50)
-    if not due:
+async def unparked_waiting(redis: ArqRedis, due_only: bool = False) -> list[str]:
+    """Jobs out of the parked range that no worker runs yet, in arq's order: released
+    ones, jobs put back by a stop or a crash, jobs held for a retry (unless
+    ``due_only``: then only those arq may start now)."""
+    upper = int(time.time() * 1000) if due_only else f"({PARKED_BASE_MS}"
+    unparked = await redis.zrangebyscore(QUEUE_NAME, "-inf", upper)
+    if not unparked:
         return []
     async with redis.pipeline(transaction=False) as pipe:
-        for raw in due:
+        for raw in unparked:
             pipe.exists(in_progress_key_prefix + raw.decode())
-        started = await pipe.execute()
-    return [raw.decode() for raw, busy in zip(due, started, strict=True) if not busy]
+        # Running jobs stay in arq's queue until they finish: they are not waiting.
+        running = await pipe.execute()
+    return [raw.decode() for raw, busy in zip(unparked, running, strict=True) if not busy]
 
 
 async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None:
@@ -151,7 +154,7 @@ async def release_next(redis: ArqRedis, interactive_lead_s: float) -> str | None
     Two idle workers looking at the same moment release the same job; arq starts it
     once, and the other worker releases the next one a poll later.
     """
-    if await released_waiting(redis):
+    if await unparked_waiting(redis, due_only=True):
         return None
     waiting = await parked_jobs(redis)
     if not waiting:

@@ -368,12 +368,16 @@ class FakeBotApi:
             raise _BadRequest("message text is empty")
         return self._bot_message(params, text=params["text"])
 
+    def _message_to_edit(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The message an edit names (call with the lock held)."""
+        message = self._messages.get((int(params["chat_id"]), int(params["message_id"])))
+        if message is None:
+            raise _BadRequest("message to edit not found")
+        return message
+
     def _m_editMessageText(self, params: dict[str, Any], files: Any) -> dict[str, Any]:
-        key = (int(params["chat_id"]), int(params["message_id"]))
         with self._lock:
-            message = self._messages.get(key)
-            if message is None:
-                raise _BadRequest("message to edit not found")
+            message = self._message_to_edit(params)
             if message.get("text") == params["text"] and \
                     message.get("reply_markup") == params.get("reply_markup"):
                 raise _BadRequest("message is not modified: specified new message content and "
@@ -381,18 +385,12 @@ class FakeBotApi:
                                   "reply markup of the message")
             message["text"] = params["text"]
             message["edit_date"] = int(time.time())
-            if "reply_markup" in params:
-                message["reply_markup"] = params["reply_markup"]
-            else:
-                message.pop("reply_markup", None)
+            _replace_markup(message, params)
             return dict(message)
 
     def _m_editMessageReplyMarkup(self, params: dict[str, Any], files: Any) -> dict[str, Any]:
-        key = (int(params["chat_id"]), int(params["message_id"]))
         with self._lock:
-            message = self._messages.get(key)
-            if message is None:
-                raise _BadRequest("message to edit not found")
+            message = self._message_to_edit(params)
             message.pop("reply_markup", None)
             if params.get("reply_markup"):
                 message["reply_markup"] = params["reply_markup"]
@@ -410,11 +408,8 @@ class FakeBotApi:
         # An upload is named by "attach://<field>"; anything else is a file_id or a URL.
         field_name = str(media["media"]).removeprefix("attach://")
         upload = files.get(field_name, (str(media["media"]), 0))
-        key = (int(params["chat_id"]), int(params["message_id"]))
         with self._lock:
-            message = self._messages.get(key)
-            if message is None:
-                raise _BadRequest("message to edit not found")
+            message = self._message_to_edit(params)
             if message["from"]["id"] != self.bot_user["id"]:
                 raise _BadRequest("message can't be edited")
             for content in ("text", "entities", "caption", "video", "document"):
@@ -422,10 +417,7 @@ class FakeBotApi:
             message[kind] = _media(kind, media, *upload)
             message.update(_caption(media))
             message["edit_date"] = int(time.time())
-            if "reply_markup" in params:
-                message["reply_markup"] = params["reply_markup"]
-            else:
-                message.pop("reply_markup", None)
+            _replace_markup(message, params)
             return dict(message)
 
     def _m_sendVideo(self, params: dict[str, Any], files: dict[str, tuple[str, int]]
@@ -500,6 +492,14 @@ def _json_or_text(name: str, value: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def _replace_markup(message: dict[str, Any], params: dict[str, Any]) -> None:
+    """An edit without reply_markup removes the message's keyboard, as Telegram does."""
+    if "reply_markup" in params:
+        message["reply_markup"] = params["reply_markup"]
+    else:
+        message.pop("reply_markup", None)
 
 
 def _caption(params: dict[str, Any]) -> dict[str, Any]:

@@ -529,6 +529,18 @@ class GpuOutOfMemory(JobError):
 
 
 @dataclass
+class ModelWith:
+    """A model and what goes with it (a tokenizer, a processor, its scale), kept resident
+    as one: ``RESIDENT`` parks it with ``to``, which moves the model alone."""
+
+    model: Any
+
+    def to(self, device: Any) -> ModelWith:
+        self.model.to(device)
+        return self
+
+
+@dataclass
 class Resident:
     """A loaded model kept between jobs."""
 

@@ -66,7 +66,7 @@ class WorkerState:
     queue: QueueClient = None  # type: ignore[assignment]  # set at startup from arq's pool
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     device: str = "cpu"
-    arq_worker: Worker | None = None
+    arq_worker: PolicyWorker | None = None
     current_job: str | None = None
     current_stage: str = ""
     paused: str = ""  # why, while workers are paused
@@ -210,7 +210,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         # and this worker releases no job for a while (the next would be held too).
         await queue.update_state(job_id, status=JobStatus.queued, stage="held", message=low)
         bound.warning("job held: low disk space", reason=low, retry_in_s=DISK_RETRY_S)
-        if isinstance(state.arq_worker, PolicyWorker):
+        if state.arq_worker is not None:
             state.arq_worker.hold_releases(DISK_RETRY_S)
         raise Retry(defer=await queue.park_again(spec))
 

@@ -100,15 +100,10 @@ def sample_evenly(start: int, end: int, count: int) -> list[int]:
 
 
 @dataclass
-class Captioner:
-    """The GIT model and its processor, moved together (``RESIDENT`` parks it with ``to``)."""
+class Captioner(gpu.ModelWith):
+    """The GIT model and its processor."""
 
     processor: Any
-    model: Any
-
-    def to(self, device: Any) -> Captioner:
-        self.model.to(device)
-        return self
 
 
 def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings) -> Captioner:
@@ -139,7 +134,7 @@ def _load(model_dir: Path, dtype: Any, device: Any) -> Captioner:
 
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-    return Captioner(processor, model.to(device).eval())
+    return Captioner(model=model.to(device).eval(), processor=processor)
 
 
 def caption_frames(processor, model, frames: list[np.ndarray], max_length: int) -> str:

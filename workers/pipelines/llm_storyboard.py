@@ -260,15 +260,10 @@ def system_prompt(request: PlanRequest, low: int, high: int) -> str:
 
 
 @dataclass
-class ChatModel:
-    """A causal LM and its tokenizer, moved together (``RESIDENT`` parks it with ``to``)."""
+class ChatModel(gpu.ModelWith):
+    """A causal LM and its tokenizer."""
 
-    model: Any
     tokenizer: Any
-
-    def to(self, device: Any) -> ChatModel:
-        self.model.to(device)
-        return self
 
     @property
     def device(self) -> Any:
@@ -301,7 +296,7 @@ def _load(model_dir: Path, dtype: Any, device: Any) -> ChatModel:
             f"({type(exc).__name__}: {exc}); set [storyboard] model to an Instruct model "
             "such as Qwen2.5-1.5B-Instruct, or use the rules planner") from None
     model.eval()
-    return ChatModel(model.to(device), tokenizer)
+    return ChatModel(model=model.to(device), tokenizer=tokenizer)
 
 
 class _TokenWatch:

@@ -50,17 +50,11 @@ def check_request(prompt: str, options: Options) -> None:
 
 
 @dataclass
-class Upscaler:
-    """A super-resolution network with its scale and the dtype it runs in (``RESIDENT``
-    parks it with ``to``)."""
+class Upscaler(gpu.ModelWith):
+    """A super-resolution network with its scale and the dtype it runs in."""
 
-    network: Any
     scale: int
     dtype: Any
-
-    def to(self, device: Any) -> Upscaler:
-        self.network.to(device)
-        return self
 
 
 def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettings) -> Upscaler:
@@ -101,7 +95,7 @@ def _load(path: Path, dtype: Any, device: Any) -> Upscaler:
                        f"({type(descriptor).__name__}); use an ESRGAN-family .pth")
     dtype = _runnable_dtype(dtype, descriptor)
     network = descriptor.model.eval().to(device=device, dtype=dtype)
-    return Upscaler(network, descriptor.scale, dtype)
+    return Upscaler(model=network, scale=descriptor.scale, dtype=dtype)
 
 
 def _runnable_dtype(dtype: Any, descriptor: Any) -> Any:
@@ -173,7 +167,7 @@ def run(job: JobContext) -> JobResult:
         job.progress("load", 0, "loading the model")
         half = settings.half if options.half is None else options.half
         upscaler = load_upscaler(settings, half, gpu.GpuSettings.from_config(job.config))
-        model, scale, dtype = upscaler.network, upscaler.scale, upscaler.dtype
+        model, scale, dtype = upscaler.model, upscaler.scale, upscaler.dtype
     tile = options.tile or settings.tile
 
     with job.stage("upscale"):

@@ -16,10 +16,20 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.config import Config, ConfigError, find_config_file, load_config
-from daemon.jobs import Channel, JobError, JobSpec, JobStatus, Source, new_job_id, write_spec
+from daemon.jobs import (
+    Channel,
+    JobError,
+    JobSpec,
+    JobStatus,
+    Source,
+    derive_job_id,
+    new_job_id,
+    write_spec,
+)
 from daemon.logs import configure_logging
 from daemon.queue import QueueClient, RedisUnavailable, utc_from_ts
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, ensure_redis
+from daemon.submit import Refused, Request, Submitter
 
 console = Console()
 
@@ -59,7 +69,7 @@ def _redis_url(config: Config) -> str:
 
 async def open_queue(config: Config) -> QueueClient:
     return await QueueClient.open(_redis_url(config), config.worker.keep_results,
-                                  config.queue.max_queued, config.queue.interactive_lead)
+                                  config.queue.interactive_lead)
 
 
 def _print_where(config: Config) -> None:
@@ -113,24 +123,32 @@ async def _ping(url: str) -> None:
 
 
 def cmd_submit(args: argparse.Namespace, config: Config) -> int:
-    from daemon.jobs import validate_request
     from daemon.progress import follow_job
+    from workers.pipelines import kind_registry
 
-    prompt = " ".join(args.prompt)
-    options = validate_request(args.kind, prompt, _parse_options(args.option))
-    spec = JobSpec(id=new_job_id(), kind=args.kind, prompt=prompt, options=options,
-                   source=Source(channel=Channel.cli), submitted_by=_user())
+    kinds = kind_registry(config)
+    request = Request(
+        kind=args.kind, prompt=" ".join(args.prompt), options=_parse_options(args.option),
+        source=Source(channel=Channel.cli), submitted_by=_user(),
+        job_id=derive_job_id("cli", _user(), args.key) if args.key else None,
+    )
 
     async def submit() -> int:
         queue = await open_queue(config)
         try:
-            write_spec(config.jobs_dir, spec)
-            result = await queue.enqueue(spec)
-            console.print(f"queued job [bold]{spec.id}[/] (position {result.position})")
+            answer = await Submitter.from_config(config, queue, kinds).submit(request)
+            if isinstance(answer, Refused):
+                _error(f"reelqueue: not queued: {answer.message}")
+                return 1
+            job_id = answer.spec.id
+            if answer.duplicate:
+                console.print(f"already queued as job [bold]{job_id}[/] (the same --key)")
+            else:
+                console.print(f"queued job [bold]{job_id}[/] (position {answer.position})")
             if not args.wait:
                 return 0
-            state = await follow_job(queue, spec.id, console)
-            return _report_final(config, spec.id, state)
+            state = await follow_job(queue, job_id, console)
+            return _report_final(config, job_id, state)
         finally:
             await queue.close()
 
@@ -244,15 +262,17 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     """Run one job in this process, no Redis: for debugging and the overhead benchmark."""
     from daemon.progress import make_progress
     from intake.jobfile import parse_request
+    from workers.pipelines import kind_registry
     from workers.runner import run_job_sync
 
     path = Path(args.spec)
     if not path.is_file():
         raise JobError(f"{path}: no such file (give a .txt/.md prompt or a .json/.toml job file)")
-    request = parse_request(path.name, path.read_bytes(), args.kind, _parse_options(args.option))
-    spec = JobSpec(id=new_job_id(), kind=request.kind, prompt=request.prompt,
-                   options=request.options, source=Source(channel=Channel.cli),
-                   submitted_by=_user())
+    asked = parse_request(path.name, path.read_bytes(), args.kind, _parse_options(args.option))
+    kinds = kind_registry(config)
+    options = kinds.validate(asked.kind, asked.prompt, asked.options)
+    spec = JobSpec(id=new_job_id(), kind=asked.kind, prompt=asked.prompt, options=options,
+                   source=Source(channel=Channel.cli), submitted_by=_user())
     directory = write_spec(config.jobs_dir, spec)
     started = time.monotonic()
     with make_progress(console) as progress:
@@ -261,7 +281,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         def on_progress(stage: str, percent: float, message: str) -> None:
             progress.update(task, completed=percent, stage=stage, note=message)
 
-        outcome = run_job_sync(spec, config, on_progress=on_progress)
+        outcome = run_job_sync(spec, config, kinds=kinds, on_progress=on_progress)
     elapsed = time.monotonic() - started
     if outcome.status != JobStatus.done:
         console.print(f"[red]{outcome.status}[/]: {outcome.error}")
@@ -437,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--kind", default="video")
     submit.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument("--key", help="an idempotency key: submitting again with the same "
+                        "key returns the first job instead of queueing a second")
     status = sub.add_parser("status", help="queue, workers, or one job")
     status.add_argument("job_id", nargs="?")
     jobs = sub.add_parser("jobs", help="recent jobs")
@@ -480,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log.level, config.log.format)
     try:
         return COMMANDS[args.command](args, config)
+    except ConfigError as exc:  # a [pipelines.<name>] table that cannot be a kind
+        _error(str(exc))
+        return 2
     except (RedisUnavailable, EmbeddedRedisError, JobError) as exc:
         _error(f"reelqueue: {exc}")
         return 1

@@ -511,12 +511,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, str(file))) from None
     config.source_path = file.resolve()
-    config = _resolve_paths(config, file.resolve().parent)
-    # Every process that reads the config must know the job kinds it declares.
-    from workers import pipelines
-
-    try:
-        pipelines.register_commands(config.pipelines)
-    except ValueError as exc:
-        raise ConfigError(f"{file}: invalid configuration\n  {exc}") from None
-    return config
+    return _resolve_paths(config, file.resolve().parent)

@@ -29,8 +29,6 @@ from pydantic import (
 from daemon import files
 from daemon.schedule import Priority
 
-MAX_PROMPT_CHARS = 10_000
-
 
 class JobStatus(StrEnum):
     queued = "queued"
@@ -181,39 +179,3 @@ def describe_validation_error(error: ValidationError, what: str = "option") -> s
         else f"{what} '{p['field']}': {p['reason']}"
         for p in validation_problems(error, what)
     )
-
-
-def validate_request(
-    kind: str, prompt: str, options: dict[str, Any], inputs: list[str] | None = None
-) -> dict[str, Any]:
-    """Check a request (and the names of its input files) before it is queued; return
-    the normalised options.
-
-    Raises ``JobError`` naming the field and the reason, so every channel can answer
-    the sender with it.
-    """
-    from workers import pipelines  # imported late: daemon does not depend on workers at import
-
-    pipeline = pipelines.load(kind)
-    if pipeline.INPUTS and not inputs:
-        raise JobError(f"a {kind} job needs an input file ({', '.join(pipeline.INPUTS)}), "
-                       "not only text", [{"field": "file", "reason": "missing"}])
-    for name in inputs or []:
-        suffix = Path(name).suffix.lower()
-        if suffix not in pipeline.INPUTS:
-            takes = f"takes {', '.join(pipeline.INPUTS)} files" if pipeline.INPUTS else \
-                "takes no input files"
-            raise JobError(f"a {kind} job {takes}; {name!r} cannot be used",
-                           [{"field": "file", "reason": f"{kind} {takes}"}])
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise JobError(
-            f"the prompt is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}",
-            [{"field": "prompt", "reason": f"longer than {MAX_PROMPT_CHARS:,} characters"}],
-        )
-    try:
-        parsed = pipeline.Options.model_validate(options)
-    except ValidationError as exc:
-        problems = [{**p, "field": f"options.{p['field']}"} for p in validation_problems(exc)]
-        raise JobError(describe_validation_error(exc), problems) from None
-    pipeline.check_request(prompt, parsed)
-    return parsed.model_dump(exclude_none=True)

@@ -38,7 +38,7 @@ from arq.jobs import Job
 from arq.jobs import JobStatus as ArqJobStatus
 from redis.exceptions import RedisError
 
-from daemon import schedule
+from daemon import caps, schedule
 from daemon.jobs import JobError, JobSpec, JobStatus
 from daemon.schedule import PREFIX, QUEUE_NAME
 
@@ -121,16 +121,15 @@ class QueueClient:
     """Everything the daemon, CLI and worker need from Redis, in one place."""
 
     def __init__(self, redis: ArqRedis, keep_results_s: float = 7 * 86400,
-                 max_queued: int = 0, interactive_lead_s: float = 3600.0):
+                 interactive_lead_s: float = 3600.0):
         self.redis = redis
         self.keep_results_s = keep_results_s
-        self.max_queued = max_queued  # 0: no cap
         self.interactive_lead_s = interactive_lead_s  # only for telling queue positions
 
     @classmethod
     async def open(cls, url: str, keep_results_s: float = 7 * 86400,
-                   max_queued: int = 0, interactive_lead_s: float = 3600.0) -> QueueClient:
-        return cls(await connect(url), keep_results_s, max_queued, interactive_lead_s)
+                   interactive_lead_s: float = 3600.0) -> QueueClient:
+        return cls(await connect(url), keep_results_s, interactive_lead_s)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -138,7 +137,8 @@ class QueueClient:
     # --- submitting -----------------------------------------------------------------
 
     async def enqueue(self, spec: JobSpec) -> EnqueueResult:
-        """Queue a job whose spec.json is already in its directory.
+        """Queue a job whose spec.json is already in its directory (``daemon.submit``
+        checked the request and took its place under the caps first).
 
         The arq job id is the reelqueue job id, so a second enqueue of the same id is
         refused by arq and reported here as ``accepted=False``. The job waits parked
@@ -151,11 +151,6 @@ class QueueClient:
             # Finished (perhaps cancelled before it started, leaving no arq record):
             # a late duplicate of the request must not run it again.
             return EnqueueResult(spec.id, False, None)
-        if status is None and self.max_queued:
-            waiting = await self.queue_length()
-            if waiting >= self.max_queued:
-                raise QueueFull(f"the queue is full ({waiting} jobs waiting, the limit is "
-                                f"{self.max_queued}); try again later")
         if status is None:
             await self.redis.hset(key, mapping={
                 "id": spec.id,
@@ -218,8 +213,10 @@ class QueueClient:
         await self._publish(job_id, **fields)
 
     async def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> None:
-        """Record a final state and queue its delivery, atomically."""
+        """Record a final state and queue its delivery, atomically; the job's place under
+        its submitter's cap is free again."""
         key = state_key(job_id)
+        submitted_by = (await self.redis.hget(key, "submitted_by") or b"").decode()
         async with self.redis.pipeline(transaction=True) as pipe:
             final = {"message": error} if error else {}
             pipe.hset(key, mapping={
@@ -234,6 +231,7 @@ class QueueClient:
             pipe.expire(key, int(self.keep_results_s))
             pipe.hdel(schedule.PARKED_KEY, job_id)  # cancelled while parked
             pipe.lpush(DELIVERIES_KEY, job_id)
+            pipe.zrem(caps.active_key(submitted_by), job_id)
             await pipe.execute()
         await self._publish(job_id, status=status, error=error)
 

@@ -21,6 +21,7 @@ from daemon.jobs import Channel
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
+from daemon.submit import Submitter
 
 if TYPE_CHECKING:
     from intake.chat import ChatIntake
@@ -35,6 +36,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     from intake import folder as folder_channel
     from intake.folder import FolderIntake
     from intake.http import HttpIntake
+    from workers.pipelines import kind_registry
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,18 +48,18 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     url = embedded.url if embedded else config.redis.url
     owns_redis = bool(embedded) and await asyncio.to_thread(embedded.start)
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
-                                   max_queued=config.queue.max_queued,
                                    interactive_lead_s=config.queue.interactive_lead)
+    submitter = Submitter.from_config(config, queue, kind_registry(config))
     intakes: list[FolderIntake | HttpIntake | ChatIntake] = [
-        FolderIntake(folder, config, queue) for folder in config.intake.folder]
+        FolderIntake(folder, config, submitter) for folder in config.intake.folder]
     if config.intake.http.enabled:
-        intakes.append(HttpIntake(config, queue))
+        intakes.append(HttpIntake(config, submitter))
     delivery = DeliveryLoop(config, queue)
     delivery.register(Channel.folder, folder_channel.deliver_async)
     if config.intake.chat.enabled:
         from intake.chat import ChatIntake  # python-telegram-bot only when chat is on
 
-        chat = ChatIntake(config, queue)
+        chat = ChatIntake(config, submitter)
         intakes.append(chat)
         delivery.register(Channel.chat, chat.deliver)
     started: list[FolderIntake | HttpIntake | ChatIntake] = []

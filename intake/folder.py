@@ -19,11 +19,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from redis.exceptions import RedisError
 from watchdog.events import (
@@ -50,13 +48,10 @@ from daemon.jobs import (
     Source,
     derive_job_id,
     job_dir,
-    validate_request,
-    write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import QueueClient, QueueFull
+from daemon.submit import Refusal, Refused, Request, Submitter, Upload
 from intake.jobfile import parse_request
-from workers import pipelines
 
 IGNORED_PATTERNS = (".*", "*~", "*.tmp", "*.part", "*.swp", "*.crdownload")
 DONE, FAILED = "done", "failed"
@@ -105,11 +100,11 @@ class _EventForwarder(FileSystemEventHandler):
 
 
 class FolderIntake:
-    def __init__(self, folder: FolderIntakeConfig, config: Config, queue: QueueClient):
+    def __init__(self, folder: FolderIntakeConfig, config: Config, submitter: Submitter):
         self.folder = folder
         self.path = folder.path
         self.config = config
-        self.queue = queue
+        self.submitter = submitter
         self.pending: dict[Path, _Pending] = {}
         self.taken: dict[Path, tuple[int, int]] = {}
         self._observer: Observer | PollingObserver | None = None
@@ -253,28 +248,32 @@ class FolderIntake:
     async def take(self, path: Path) -> str | None:
         """Turn a settled file into a queued job (or a rejection). Returns the job id."""
         try:
-            spec = await asyncio.to_thread(self._prepare, path)
+            request = await asyncio.to_thread(self._request, path)
         except FileNotFoundError:
             log.info("file vanished before it was taken", file=path.name)
             return None
         except JobError as exc:
             await asyncio.to_thread(reject, path, str(exc))
             return None
-        if spec is None:
+        if request is None:
             return None
-        try:
-            result = await self.queue.enqueue(spec)
-        except QueueFull as exc:
-            # Backpressure: the file waits in the inbox; the next scan offers it again.
-            self.taken.pop(path, None)
-            log.warning("queue full; the file waits in the inbox", file=path.name,
-                        reason=str(exc))
+        answer = await self.submitter.submit(request)
+        if isinstance(answer, Refused):
+            if answer.why == Refusal.queue_full:
+                # Backpressure: the file waits in the inbox; the next scan offers it again.
+                self.taken.pop(path, None)
+                log.warning("queue full; the file waits in the inbox", file=path.name,
+                            reason=answer.message)
+            else:
+                await asyncio.to_thread(reject, path, answer.message)
             return None
-        log.info("job queued" if result.accepted else "job already known", job_id=spec.id,
-                 file=path.name, position=result.position)
-        return spec.id
+        log.info("job already known" if answer.duplicate else "job queued",
+                 job_id=answer.spec.id, file=path.name, position=answer.position)
+        return answer.spec.id
 
-    def _prepare(self, path: Path) -> JobSpec | None:
+    def _request(self, path: Path) -> Request | None:
+        """The submission a settled file asks for; None while an earlier job of the same
+        file is being delivered."""
         limit = int(self.folder.max_file_mb * 1024 * 1024)
         size = path.stat().st_size
         if size > limit:
@@ -282,47 +281,31 @@ class FolderIntake:
                 f"the file is {size / 1024 / 1024:.1f} MB; this folder takes files up to "
                 f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb)"
             )
-        if path.suffix.lower() in pipelines.load(self.folder.kind).INPUTS:
-            return self._prepare_media(path)
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
-        request = parse_request(path.name, data, self.folder.kind, self.folder.options)
-        digest = hashlib.sha256(data).hexdigest()
-        return self._write_job(path, digest, request.kind, request.prompt, request.options,
-                               lambda inputs: files.write_bytes(inputs / path.name, data))
-
-    def _prepare_media(self, path: Path) -> JobSpec | None:
-        """A media file is the job's input itself: hashed and copied by streaming, so a
-        large video is never held in memory."""
-        options = validate_request(self.folder.kind, "", dict(self.folder.options), [path.name])
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1024 * 1024):
-                digest.update(chunk)
-        return self._write_job(path, digest.hexdigest(), self.folder.kind, "", options,
-                               lambda inputs: files.copy_file(path, inputs / path.name))
-
-    def _write_job(self, path: Path, digest: str, kind: str, prompt: str,
-                   options: dict[str, Any], keep_input: Callable[[Path], None]
-                   ) -> JobSpec | None:
-        job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, digest)
+        kind, prompt, options = self.folder.kind, "", dict(self.folder.options)
+        if path.suffix.lower() in self.submitter.kinds.inputs(kind):
+            # A media file is the job's input itself: hashed and copied by streaming, so
+            # a large video is never held in memory.
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1024 * 1024):
+                    digest.update(chunk)
+            inputs, kept = (Upload.of_file(path.name, path),), None
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
+            asked = parse_request(path.name, data, kind, options)
+            kind, prompt, options = asked.kind, asked.prompt, asked.options
+            digest = hashlib.sha256(data)
+            inputs, kept = (), Upload.of_bytes(path.name, data)
+        job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, digest.hexdigest())
         if job_id is None:
             return None
-        spec = JobSpec(
-            id=job_id,
-            kind=kind,
-            prompt=prompt,
-            inputs=[path.name],
-            options=options,
+        return Request(
+            kind=kind, prompt=prompt, options=options,
             source=Source(channel=Channel.folder, folder=str(self.path), filename=path.name),
-            submitted_by=_owner_name(path),
-            priority=self.folder.priority,
+            submitted_by=_owner_name(path), priority=self.folder.priority,
+            inputs=inputs, kept=kept, job_id=job_id,
         )
-        directory = job_dir(self.config.jobs_dir, job_id)
-        if not (directory / "spec.json").exists():
-            keep_input(directory / "inputs")  # the input, kept as received
-            write_spec(self.config.jobs_dir, spec)
-        return spec
 
 
 def folder_job_id(jobs_root: Path, folder: Path, name: str, content_sha256: str) -> str | None:

@@ -15,7 +15,6 @@ a browser can play a video or open a report without sending the token.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import re
@@ -38,21 +37,19 @@ from daemon.jobs import (
     JobSpec,
     JobStatus,
     Source,
+    derive_job_id,
     job_dir,
-    new_job_id,
     read_spec,
-    validate_request,
-    write_spec,
 )
 from daemon.logs import get_logger
-from daemon.queue import QueueClient, QueueFull, seconds_to_utc_midnight
+from daemon.lookup import find_job
 from daemon.schedule import Priority
+from daemon.submit import Limits, Refusal, Refused, Request, Submitter, Upload
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
 
 MAX_FIELD_BYTES = 1024 * 1024  # a prompt or an options document, not a media file
-IDEMPOTENCY_TTL_S = 86400
 WORKER_STALE_S = 15.0
 UPLOAD_CHUNK = 1024 * 1024
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -60,6 +57,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATIC = Path(__file__).parent / "static"
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", str)
+REFUSAL_STATUS = {Refusal.invalid: 422, Refusal.blocked: 422, Refusal.cap: 429,
+                  Refusal.queue_full: 503}
 
 
 @dataclass(frozen=True)
@@ -87,10 +86,11 @@ class ApiError(Exception):
 
 
 class HttpApi:
-    def __init__(self, config: Config, queue: QueueClient):
+    def __init__(self, config: Config, submitter: Submitter):
         self.config = config
         self.http = config.intake.http
-        self.queue = queue
+        self.submitter = submitter
+        self.queue = submitter.queue
         self.max_body = int(self.http.max_body_mb * 1024 * 1024)
         self.tokens: list[tuple[bytes, HttpToken]] = []
         for token in self.http.tokens:
@@ -196,26 +196,14 @@ class HttpApi:
 
     async def _load(self, job_id: str, caller: Caller | None) -> tuple[dict[str, Any], JobSpec]:
         """A job's live state (or its durable record) and spec, if the caller may see it."""
-        self._check_job_id(job_id)
-        try:
-            spec = read_spec(self.config.jobs_dir, job_id)
-        except (OSError, ValueError):
-            raise ApiError(404, f"no job {job_id!r}") from None
+        found = await find_job(self.queue, self.config.jobs_dir, self._check_job_id(job_id))
+        if found is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        spec, state = found
         if caller is not None and not caller.is_admin and spec.submitted_by != caller.name:
             raise ApiError(403, "this job belongs to another token; a user token sees only its "
                          "own jobs")
-        state = await self.queue.get_state(job_id) or self._state_from_disk(spec)
         return state, spec
-
-    def _state_from_disk(self, spec: JobSpec) -> dict[str, Any]:
-        """After Redis forgot a finished job, its directory still tells how it ended."""
-        outcome = JobOutcome.read(job_dir(self.config.jobs_dir, spec.id))
-        status = outcome.status if outcome else JobStatus.queued
-        return {"id": spec.id, "kind": spec.kind, "status": status, "stage": status,
-                "percent": 100.0 if status == JobStatus.done else 0.0, "message": "",
-                "error": outcome.error if outcome else "", "prompt": spec.prompt[:200],
-                "submitted_by": spec.submitted_by, "channel": spec.source.channel,
-                "created_at": str(spec.created_at.timestamp())}
 
     def _artifacts(self, job_id: str) -> dict[str, Path]:
         directory = job_dir(self.config.jobs_dir, job_id)
@@ -266,7 +254,7 @@ class HttpApi:
 
     async def openapi(self, request: web.Request) -> web.Response:
         self.authenticate(request)
-        return web.json_response(openapi_document())
+        return web.json_response(openapi_document(self.submitter.kinds))
 
     async def healthz(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = {"redis": "ok"}
@@ -299,88 +287,41 @@ class HttpApi:
         if request.content_length is not None and request.content_length > self.max_body:
             raise ApiError(413, f"the request is {request.content_length / 1024 / 1024:.1f} MB; "
                          f"the limit is {self.http.max_body_mb:g} MB")
-        idempotency_key = request.headers.get("Idempotency-Key", "")[:200]
-        if idempotency_key:
-            existing = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
-            if existing:
-                return await self._replay(existing.decode(), caller)
-
-        job_id = new_job_id()
-        content_type = request.content_type
-        if content_type == "application/json":
-            kind, prompt, options = self._fields_from_json(await self._read_json(request))
-            uploads: list[Path] = []
-        elif content_type == "multipart/form-data":
-            kind, prompt, options, uploads = await self._read_multipart(request, job_id)
+        # A retry with the same key is the same job: its id derives from the key.
+        key = request.headers.get("Idempotency-Key", "")[:200]
+        staging = self.config.state_dir / "uploads" / uuid.uuid4().hex
+        try:
+            if request.content_type == "application/json":
+                kind, prompt, options = self._fields_from_json(await self._read_json(request))
+                uploads: list[Path] = []
+            elif request.content_type == "multipart/form-data":
+                kind, prompt, options, uploads = await self._read_multipart(request, staging)
+            else:
+                raise ApiError(415, "send application/json (or multipart/form-data with "
+                             f"files); got {request.content_type or 'no content type'}")
+            answer = await self.submitter.submit(Request(
+                kind=kind, prompt=prompt, options=options,
+                source=Source(channel=Channel.http, client=caller.name),
+                submitted_by=caller.name, priority=caller.priority,
+                inputs=tuple(Upload.of_file(path.name, path, move=True) for path in uploads),
+                job_id=derive_job_id("http", caller.name, key) if key else None,
+                limits=Limits(caller.max_queued, caller.max_jobs_per_day),
+            ))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+        if isinstance(answer, Refused):
+            raise ApiError(REFUSAL_STATUS[answer.why], answer.message, answer.problems)
+        job_id = answer.spec.id
+        if answer.duplicate:
+            state, _ = await self._load(job_id, caller)
         else:
-            raise ApiError(415, "send application/json (or multipart/form-data with files); "
-                         f"got {content_type or 'no content type'}")
-        try:
-            options = validate_request(kind, prompt, options, [p.name for p in uploads])
-        except JobError as exc:
-            self._discard_uploads(job_id)
-            raise ApiError(422, str(exc), exc.problems) from None
-
-        try:
-            await self._check_caps(caller)
-        except ApiError:
-            self._discard_uploads(job_id)
-            raise
-        spec = JobSpec(id=job_id, kind=kind, prompt=prompt, options=options,
-                       inputs=[p.name for p in uploads],
-                       source=Source(channel=Channel.http, client=caller.name),
-                       submitted_by=caller.name, priority=caller.priority)
-        # The spec lands before the key and the key before the enqueue, so a daemon killed
-        # anywhere in between leaves either no key (the retry makes the job) or a key
-        # whose spec exists (the retry finishes queueing it): one job either way.
-        await asyncio.to_thread(write_spec, self.config.jobs_dir, spec)
-        if idempotency_key and not await self.queue.redis.set(
-                _idem_key(caller.name, idempotency_key), job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
-            # A concurrent retry with the same key won the race: answer with its job.
-            shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
-            other = await self.queue.redis.get(_idem_key(caller.name, idempotency_key))
-            return await self._replay(other.decode(), caller)
-        try:
-            queued = await self.queue.enqueue(spec)
-        except QueueFull as exc:
-            await self.queue.redis.delete(_idem_key(caller.name, idempotency_key))
-            shutil.rmtree(job_dir(self.config.jobs_dir, job_id), ignore_errors=True)
-            raise ApiError(503, str(exc)) from None
-        await self.queue.count_today(caller.name)
-        # The position enqueue just worked out: telling it again would cost as much.
-        state = await self.queue.get_state(job_id, {job_id: queued.position}) or {}
-        log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
-                 request_id=request[REQUEST_ID])
-        return self._accepted(state)
-
-    async def _replay(self, job_id: str, caller: Caller) -> web.Response:
-        """Answer a retried POST with the job its key made. If the first attempt died
-        after writing the spec but before queueing it, queue it now (a no-op for a job
-        already queued or finished)."""
-        _, spec = await self._load(job_id, caller)
-        try:
-            await self.queue.enqueue(spec)
-        except QueueFull as exc:
-            raise ApiError(503, str(exc)) from None
-        state, _ = await self._load(job_id, caller)
-        return self._accepted(state, replayed=True)
-
-    async def _check_caps(self, caller: Caller) -> None:
-        if caller.max_queued:
-            active = len(await self.queue.active_jobs(caller.name))
-            if active >= caller.max_queued:
-                raise ApiError(429, f"token {caller.name!r} has {active} jobs queued or "
-                               f"running, its cap; send more when one has finished")
-        if caller.max_jobs_per_day and \
-                await self.queue.jobs_today(caller.name) >= caller.max_jobs_per_day:
-            hours = seconds_to_utc_midnight() / 3600
-            raise ApiError(429, f"token {caller.name!r} has used its {caller.max_jobs_per_day} "
-                           f"jobs for today; the cap resets at midnight UTC, in {hours:.1f} h")
-
-    def _accepted(self, state: dict[str, Any], replayed: bool = False) -> web.Response:
+            # The position submission just worked out: telling it again would cost as much.
+            state = await self.queue.get_state(job_id, {job_id: answer.position}) or {}
+            log.info("job queued", job_id=job_id, caller=caller.name, kind=kind,
+                     request_id=request[REQUEST_ID])
         view = self.job_view(state)
-        headers = {"Location": f"/jobs/{view['id']}"}
-        if replayed:
+        headers = {"Location": f"/jobs/{job_id}"}
+        if answer.duplicate:
             headers["Idempotent-Replayed"] = "true"
         return web.json_response(view, status=202, headers=headers)
 
@@ -418,10 +359,10 @@ class HttpApi:
                          problems)
         return kind, prompt.strip(), options
 
-    async def _read_multipart(self, request: web.Request, job_id: str
+    async def _read_multipart(self, request: web.Request, staging: Path
                               ) -> tuple[str, str, dict[str, Any], list[Path]]:
-        """Text fields kind, prompt, options (JSON); files streamed to disk, never held
-        whole in memory, and counted against the body limit as they arrive."""
+        """Text fields kind, prompt, options (JSON); files streamed into ``staging``, never
+        held whole in memory, and counted against the body limit as they arrive."""
         fields: dict[str, str] = {}
         uploads: list[Path] = []
         total = 0
@@ -435,15 +376,12 @@ class HttpApi:
                     raise ApiError(413, f"field {part.name!r} is larger than 1 MB")
                 fields[part.name or ""] = value.decode("utf-8", "replace")
                 continue
-            name = links.safe_filename(part.filename)
-            target = self._upload_dir(job_id) / name
+            target = staging / links.safe_filename(part.filename)
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as handle:
                 while chunk := await part.read_chunk(UPLOAD_CHUNK):
                     total += len(chunk)
                     if total > self.max_body:
-                        handle.close()
-                        self._discard_uploads(job_id)
                         raise ApiError(413, f"the upload is larger than "
                                      f"{self.http.max_body_mb:g} MB")
                     handle.write(chunk)
@@ -451,25 +389,12 @@ class HttpApi:
         try:
             options = json.loads(fields.get("options") or "{}")
         except json.JSONDecodeError as exc:
-            self._discard_uploads(job_id)
             raise ApiError(422, f"the options field is not valid JSON: {exc}",
                          [{"field": "options", "reason": "not valid JSON"}]) from None
         data = {"kind": fields.get("kind", "video"), "prompt": fields.get("prompt", ""),
                 "options": options}
-        try:
-            kind, prompt, options = self._fields_from_json(data)
-        except ApiError:
-            self._discard_uploads(job_id)
-            raise
+        kind, prompt, options = self._fields_from_json(data)
         return kind, prompt, options, uploads
-
-    def _upload_dir(self, job_id: str) -> Path:
-        return job_dir(self.config.jobs_dir, job_id) / "inputs"
-
-    def _discard_uploads(self, job_id: str) -> None:
-        directory = job_dir(self.config.jobs_dir, job_id)
-        if not (directory / "spec.json").exists():
-            shutil.rmtree(directory, ignore_errors=True)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         caller = self.authenticate(request)
@@ -570,9 +495,9 @@ class HttpApi:
 class HttpIntake:
     """Runs ``HttpApi`` on ``[intake.http] listen`` inside the daemon's event loop."""
 
-    def __init__(self, config: Config, queue: QueueClient):
+    def __init__(self, config: Config, submitter: Submitter):
         self.config = config
-        self.api = HttpApi(config, queue)
+        self.api = HttpApi(config, submitter)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -591,11 +516,6 @@ class HttpIntake:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-def _idem_key(caller: str, key: str) -> str:
-    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return f"reelqueue:idempotency:{caller}:{digest}"
 
 
 def _float(value: Any) -> float | None:

@@ -10,14 +10,16 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from daemon.jobs import JobError, validate_request
+from daemon.jobs import JobError
 
 PROMPT_SUFFIXES = (".txt", ".md")
 JOB_FILE_SUFFIXES = (".json", ".toml")
 
 
 @dataclass
-class Request:
+class JobFile:
+    """What a request file asks for; ``daemon.submit`` checks it."""
+
     kind: str
     prompt: str
     options: dict[str, Any]
@@ -69,8 +71,8 @@ def parse_request(
     data: bytes,
     default_kind: str,
     default_options: dict[str, Any] | None = None,
-) -> Request:
-    """Parse and validate a request file's bytes (nothing is queued here)."""
+) -> JobFile:
+    """Parse a request file's bytes; the folder's default options under the file's own."""
     suffix = PurePath(filename).suffix.lower()
     if suffix not in PROMPT_SUFFIXES + JOB_FILE_SUFFIXES:
         accepted = ", ".join(PROMPT_SUFFIXES + JOB_FILE_SUFFIXES)
@@ -81,12 +83,11 @@ def parse_request(
     text = _decode(data)
     options = dict(default_options or {})
     if suffix in PROMPT_SUFFIXES:
-        return Request(default_kind, text.strip(), validate_request(default_kind, text.strip(),
-                                                                     options))
+        return JobFile(default_kind, text.strip(), options)
     fields = _parse_job_file(suffix, text)
     kind = fields.pop("kind", default_kind)
     prompt = fields.pop("prompt", "")
     if not isinstance(kind, str) or not isinstance(prompt, str):
         raise JobError("'kind' and 'prompt' in a job file must be text")
     options.update(fields)
-    return Request(kind, prompt.strip(), validate_request(kind, prompt.strip(), options))
+    return JobFile(kind, prompt.strip(), options)

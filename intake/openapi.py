@@ -8,6 +8,7 @@ from functools import cache
 from typing import Any
 
 from daemon.jobs import JobStatus
+from daemon.kinds import KindRegistry
 
 _REF = "#/components/schemas/{model}"
 
@@ -30,12 +31,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
 
 
-def _kind_schemas() -> dict[str, Any]:
-    from workers import pipelines
-
+def _kind_schemas(kinds: KindRegistry) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for kind in pipelines.kinds():
-        model = pipelines.load(kind).Options
+    for kind in kinds.names():
+        model = kinds.get(kind).Options
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[f"{kind}Options"] = schema
@@ -43,9 +42,8 @@ def _kind_schemas() -> dict[str, Any]:
 
 
 @cache
-def openapi_document() -> dict[str, Any]:
-    from workers import pipelines
-
+def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
+    """The document for the kinds this server runs (built once per registry)."""
     job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -59,10 +57,10 @@ def openapi_document() -> dict[str, Any]:
                 "request_id": {"type": "string"},
             }}}},
         "NewJob": {"type": "object", "additionalProperties": False, "properties": {
-            "kind": {"type": "string", "enum": pipelines.kinds(), "default": "video"},
+            "kind": {"type": "string", "enum": kinds.names(), "default": "video"},
             "prompt": {"type": "string", "maxLength": 10_000},
             "options": {"description": "validated per kind: see <kind>Options",
-                        "oneOf": [_ref(f"{k}Options") for k in pipelines.kinds()]},
+                        "oneOf": [_ref(f"{k}Options") for k in kinds.names()]},
         }},
         "Job": {"type": "object", "required": ["id", "kind", "status", "progress", "links"],
                 "properties": {
@@ -98,7 +96,7 @@ def openapi_document() -> dict[str, Any]:
             "queue_length": {"type": "integer"},
             "worker_heartbeat_age_s": {"type": ["number", "null"]},
             "workers": {"type": "array", "items": {"type": "object"}}}},
-        **_kind_schemas(),
+        **_kind_schemas(kinds),
     }
     upload = {"type": "object", "properties": {
         "kind": {"type": "string"}, "prompt": {"type": "string"},

@@ -18,6 +18,8 @@ import redis as redis_sync
 from daemon.config import Config, load_config
 from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis
+from daemon.submit import Submitter
+from workers.pipelines import kind_registry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +37,11 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     with redis_sync.Redis(unix_socket_path=str(redis_server.socket)) as client:
         client.flushall()
     return redis_server.url
+
+
+def submitter_for(config: Config, queue: QueueClient) -> Submitter:
+    """The one submission path as the daemon service builds it."""
+    return Submitter.from_config(config, queue, kind_registry(config))
 
 
 def write_config(tmp_path: Path, redis_url: str = "", **sections: str) -> Path:

@@ -16,6 +16,7 @@ from daemon.config import Config
 from daemon.jobs import read_spec
 from daemon.queue import QueueClient
 from intake.folder import FolderIntake, folder_job_id
+from tests.conftest import submitter_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +36,7 @@ async def until(predicate, timeout=10.0, what="condition"):
 @pytest.fixture
 async def intake(config: Config, queue: QueueClient):
     folder = config.intake.folder[0]
-    running = FolderIntake(folder, config, queue)
+    running = FolderIntake(folder, config, submitter_for(config, queue))
     await running.start()
     yield running
     await running.stop()
@@ -185,7 +186,7 @@ async def test_files_present_at_start_are_taken(config, queue):
     folder = config.intake.folder[0]
     folder.path.mkdir(parents=True)
     (folder.path / "waiting.txt").write_bytes(b"a red fox")
-    intake = FolderIntake(folder, config, queue)
+    intake = FolderIntake(folder, config, submitter_for(config, queue))
     await intake.start()
     try:
         await until(lambda: queued_ids(queue), what="the start-up scan")
@@ -195,7 +196,7 @@ async def test_files_present_at_start_are_taken(config, queue):
 
 async def test_polling_observer_for_network_shares(config, queue):
     folder = config.intake.folder[0].model_copy(update={"poll": True, "poll_interval": 0.2})
-    intake = FolderIntake(folder, config, queue)
+    intake = FolderIntake(folder, config, submitter_for(config, queue))
     await intake.start()
     try:
         (folder.path / "share.txt").write_bytes(b"a red fox")

@@ -17,7 +17,7 @@ from daemon.config import load_config
 from daemon.queue import QueueClient
 from intake.http import HttpApi
 from intake.openapi import openapi_document
-from tests.conftest import free_port, wait_for, write_config
+from tests.conftest import free_port, submitter_for, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +55,7 @@ async def client(tmp_path, redis_url, monkeypatch):
     monkeypatch.delenv("TEST_UNSET_TOKEN", raising=False)
     config = load_config(http_config(tmp_path, redis_url))
     queue = await QueueClient.open(config.redis.url)
-    api = HttpApi(config, queue)
+    api = HttpApi(config, submitter_for(config, queue))
     async with TestClient(TestServer(api.app())) as test_client:
         test_client.api = api
         yield test_client
@@ -235,7 +235,7 @@ async def test_metrics_and_openapi(client):
     documented = {(method, path) for path, item in document["paths"].items()
                   for method in item}
     assert served == documented
-    assert document == openapi_document()
+    assert document == openapi_document(client.api.submitter.kinds)
 
 
 async def test_index_page_is_served_without_a_token(client):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from daemon.config import load_config
 from daemon.queue import QueueClient
 from intake.http import HttpApi
-from tests.conftest import free_port, write_config
+from tests.conftest import free_port, submitter_for, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,7 +54,7 @@ def server(tmp_path, redis_url):
 
     async def serve() -> None:
         state["queue"] = await QueueClient.open(config.redis.url)
-        runner = web.AppRunner(HttpApi(config, state["queue"]).app())
+        runner = web.AppRunner(HttpApi(config, submitter_for(config, state["queue"])).app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         state["runner"] = runner

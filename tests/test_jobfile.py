@@ -4,6 +4,15 @@ import pytest
 
 from daemon.jobs import JobError
 from intake.jobfile import parse_request
+from workers.pipelines import kind_registry
+
+KINDS = kind_registry()
+
+
+def parse_and_check(name: str, data: bytes) -> None:
+    """What the drop folder does with a file: parse it, then submission checks it."""
+    request = parse_request(name, data, "video")
+    KINDS.validate(request.kind, request.prompt, request.options)
 
 
 def test_text_prompt():
@@ -50,10 +59,10 @@ def test_utf8_bom_is_accepted():
 ])
 def test_bad_requests_are_explained(name, data, message):
     with pytest.raises(JobError) as info:
-        parse_request(name, data, "video")
+        parse_and_check(name, data)
     assert message in str(info.value)
 
 
 def test_overlong_prompt():
     with pytest.raises(JobError, match="limit is 10,000"):
-        parse_request("a.txt", b"x" * 20_000, "video")
+        parse_and_check("a.txt", b"x" * 20_000)

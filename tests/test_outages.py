@@ -23,7 +23,7 @@ from daemon.queue import DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.supervisor import Supervisor
 from intake.folder import FolderIntake
-from tests.conftest import wait_for, write_config
+from tests.conftest import submitter_for, wait_for, write_config
 from workers.pipelines.encode import FFmpegError
 from workers.runner import disk_full_reason
 
@@ -89,7 +89,7 @@ async def test_a_file_dropped_while_redis_is_down_is_queued_soon_after_it_is_bac
     server.start()
     queue = await QueueClient.open(server.url)
     folder = config.intake.folder[0]
-    intake = FolderIntake(folder, config, queue)
+    intake = FolderIntake(folder, config, submitter_for(config, queue))
     await intake.start()
     try:
         await asyncio.to_thread(kill, server)

@@ -10,13 +10,15 @@ import redis as redis_sync
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.config import Config, QueueConfig, StateConfig, load_config
-from daemon.jobs import JobSpec, Source, new_job_id, write_spec
-from daemon.queue import QueueClient, QueueFull
+from daemon.jobs import Channel, JobSpec, Source, new_job_id, write_spec
+from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.schedule import PARKED_BASE_MS
+from daemon.submit import Accepted, Refusal, Refused, Request, Submitter
 from intake.folder import FolderIntake
 from intake.http import HttpApi
-from tests.conftest import wait_for, write_config
+from tests.conftest import submitter_for, wait_for, write_config
+from workers.pipelines import kind_registry
 from workers.runner import run_job_sync
 from workers.worker import low_disk_space
 
@@ -44,17 +46,21 @@ def test_the_embedded_redis_fsyncs_before_acknowledging(tmp_path):
 
 
 async def test_the_queue_cap_refuses_with_a_clear_answer(config, redis_url):
-    queue = await QueueClient.open(redis_url, max_queued=2)
+    queue = await QueueClient.open(redis_url)
+    submitter = Submitter(queue, kind_registry(), config.jobs_dir, max_waiting=2)
+
+    def request() -> Request:
+        return Request(kind="video", prompt="a fox", options={},
+                       source=Source(channel=Channel.cli), submitted_by="ann")
+
     try:
         for _ in range(2):
-            job = spec()
-            write_spec(config.jobs_dir, job)
-            await queue.enqueue(job)
-        extra = spec()
-        write_spec(config.jobs_dir, extra)
-        with pytest.raises(QueueFull, match=r"queue is full \(2 jobs waiting, the limit is 2\)"):
-            await queue.enqueue(extra)
+            assert isinstance(await submitter.submit(request()), Accepted)
+        refused = await submitter.submit(request())
+        assert isinstance(refused, Refused) and refused.why == Refusal.queue_full
+        assert "queue is full (2 jobs waiting, the limit is 2)" in refused.message
         assert await queue.queue_length() == 2
+        assert len(list(config.jobs_dir.iterdir())) == 2  # nothing written for the third
     finally:
         await queue.close()
 
@@ -63,8 +69,9 @@ async def test_http_answers_503_when_full_and_the_folder_waits(tmp_path, redis_u
     config = load_config(write_config(tmp_path, redis_url, **{
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "a"\ntoken = "t"',
         "queue": "max_queued = 1"}))
-    queue = await QueueClient.open(redis_url, max_queued=1)
-    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+    queue = await QueueClient.open(redis_url)
+    api = HttpApi(config, submitter_for(config, queue))
+    async with TestClient(TestServer(api.app())) as client:
         headers = {"Authorization": "Bearer t"}
         first = await client.post("/jobs", json={"prompt": "a fox"}, headers=headers)
         assert first.status == 202
@@ -73,7 +80,7 @@ async def test_http_answers_503_when_full_and_the_folder_waits(tmp_path, redis_u
         assert "the queue is full" in (await full.json())["error"]["message"]
 
         folder = config.intake.folder[0]
-        intake = FolderIntake(folder, config, queue)
+        intake = FolderIntake(folder, config, submitter_for(config, queue))
         await intake.start()
         try:
             (folder.path / "waiting.txt").write_text("a patient fox")
@@ -92,7 +99,8 @@ async def test_pause_and_resume_need_an_admin_token(tmp_path, redis_url):
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "u"\ntoken = "user"\n'
                        '[[intake.http.tokens]]\nname = "boss"\ntoken = "admin"\nrole = "admin"'}))
     queue = await QueueClient.open(redis_url)
-    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+    api = HttpApi(config, submitter_for(config, queue))
+    async with TestClient(TestServer(api.app())) as client:
         denied = await client.post("/admin/pause", headers={"Authorization": "Bearer user"})
         assert denied.status == 403
         paused = await client.post("/admin/pause", json={"reason": "driver upgrade"},
@@ -158,14 +166,35 @@ def test_low_disk_message_names_the_folder_and_the_setting(tmp_path):
     assert low_disk_space(config, spec()) == ""
 
 
-def test_content_rules_block_prompts_and_storyboards(tmp_path):
+async def test_content_rules_refuse_at_submission(config, redis_url):
+    queue = await QueueClient.open(redis_url)
+    submitter = Submitter(queue, kind_registry(), config.jobs_dir,
+                          blocklist=[r"\bfox(es)?\b"])
+
+    async def submit(prompt: str, **options) -> Accepted | Refused:
+        return await submitter.submit(Request(kind="video", prompt=prompt, options=options,
+                                              source=Source(channel=Channel.cli),
+                                              submitted_by="ann"))
+
+    try:
+        blocked = await submit("A red FOX runs.")
+        assert isinstance(blocked, Refused) and blocked.why == Refusal.blocked
+        assert "matches this server's content rule" in blocked.message
+        # Text inside the options counts as much as the prompt.
+        sneaky = await submit("a quiet animal", duration=3,
+                              scenes=[{"description": "two foxes fight", "duration_s": 3}])
+        assert isinstance(sneaky, Refused) and sneaky.why == Refusal.blocked
+        assert await queue.queue_length() == 0 and not config.jobs_dir.exists()
+        assert isinstance(await submit("a quiet owl"), Accepted)
+    finally:
+        await queue.close()
+
+
+def test_the_worker_checks_what_only_it_sees(tmp_path):
+    """A storyboard exists only in the worker: a spec that reached it anyway (written
+    before the rule existed, say) is checked there."""
     config = Config(state=StateConfig(dir=tmp_path / "var"),
                     queue=QueueConfig(blocklist=[r"\bfox(es)?\b"]))
-    blocked = spec("A red FOX runs.")
-    write_spec(config.jobs_dir, blocked)
-    outcome = run_job_sync(blocked, config)
-    assert outcome.status == "failed" and "prompt matches this server's content rule" in \
-        outcome.error
     sneaky = spec("a quiet animal", duration=3,
                   scenes=[{"description": "two foxes fight", "duration_s": 3}])
     write_spec(config.jobs_dir, sneaky)
@@ -185,7 +214,8 @@ async def test_http_tokens_have_queued_and_daily_caps(tmp_path, redis_url):
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"\n'
                        "max_queued = 2\nmax_jobs_per_day = 3"}))
     queue = await QueueClient.open(redis_url)
-    async with TestClient(TestServer(HttpApi(config, queue).app())) as client:
+    api = HttpApi(config, submitter_for(config, queue))
+    async with TestClient(TestServer(api.app())) as client:
         headers = {"Authorization": "Bearer t"}
 
         async def post():
@@ -195,12 +225,12 @@ async def test_http_tokens_have_queued_and_daily_caps(tmp_path, redis_url):
         assert (first.status, second.status) == (202, 202)
         capped = await post()
         assert capped.status == 429
-        assert "2 jobs queued or running, its cap" in (await capped.json())["error"]["message"]
+        assert "you have 2 jobs queued or running" in (await capped.json())["error"]["message"]
         await client.delete(f"/jobs/{(await first.json())['id']}", headers=headers)
         assert (await post()).status == 202  # room again: that is the third today
         await client.delete(f"/jobs/{(await second.json())['id']}", headers=headers)
         daily = await post()
         assert daily.status == 429
-        assert "used its 3 jobs for today; the cap resets at midnight UTC" in \
+        assert "used your 3 jobs for today; the cap resets at midnight UTC" in \
             (await daily.json())["error"]["message"]
     await queue.close()

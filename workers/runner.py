@@ -14,8 +14,10 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, job_dir
-from workers import content, gpu, pipelines
+from daemon.kinds import KindRegistry
+from workers import gpu
 from workers.context import JobCancelled, JobContext, ProgressCallback
+from workers.pipelines import kind_registry
 
 
 class Cancellation:
@@ -43,6 +45,7 @@ def run_job_sync(
     spec: JobSpec,
     config: Config,
     *,
+    kinds: KindRegistry | None = None,
     on_progress: ProgressCallback | None = None,
     cancellation: Cancellation | None = None,
     queue_wait_s: float | None = None,
@@ -67,8 +70,8 @@ def run_job_sync(
         # Inside the try: on a full disk even this fails, and the job must fail visibly.
         directory.mkdir(parents=True, exist_ok=True)
         job.log("job started", kind=spec.kind)
-        content.check([spec.prompt], config.queue.blocklist, "prompt")
-        result = pipelines.load(spec.kind).run(job)
+        # A one-shot run (``reelqueue run``, tests) has no worker to build the registry.
+        result = (kinds or kind_registry(config)).get(spec.kind).run(job)
         outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports,
                              extras=result.extras)
         gpu.HEALTH.record_success()

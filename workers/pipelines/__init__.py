@@ -6,52 +6,48 @@
 - ``check_request(prompt, options)``: cross-field checks, raising ``JobError``;
 - ``run(job: JobContext) -> JobResult``: the one entry point, top to bottom.
 
-Adding a kind means adding its module and one line to ``_KINDS``. Kinds declared in
+Adding a kind means adding its module and one line to ``BUILT_IN``. Kinds declared in
 the config as ``[pipelines.<name>]`` (research models run by their own command line)
-are registered by ``register_commands`` when the config is read.
+join them in the registry each process builds with ``kind_registry``.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
-from daemon.jobs import JobError
+from daemon.config import CommandPipelineConfig, Config, ConfigError
+from daemon.kinds import Kind, KindRegistry
 
-_KINDS = {
+BUILT_IN = {
     "video": "workers.pipelines.video",
     "long_exposure": "workers.pipelines.long_exposure",
     "caption": "workers.pipelines.caption",
     "upscale": "workers.pipelines.upscale",
 }
+_KIND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-_COMMANDS: dict[str, Any] = {}  # name → CommandPipeline, from the config
+def _command(name: str, spec: CommandPipelineConfig) -> Kind:
+    from workers.pipelines.command import CommandPipeline  # loaded with its first job
+
+    return CommandPipeline(name, spec)
 
 
-def register_commands(specs: dict[str, Any]) -> None:
-    """Make each ``[pipelines.<name>]`` table a job kind (replacing earlier ones)."""
-    from workers.pipelines.command import CommandPipeline
-
-    for name in specs:
-        if name in _KINDS:
-            raise ValueError(f"pipelines.{name}: clashes with the built-in kind {name!r}")
-        if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
-            raise ValueError(f"pipelines.{name}: a kind name is lowercase letters, digits and _")
-    _COMMANDS.clear()
-    _COMMANDS.update({name: CommandPipeline(name, spec) for name, spec in specs.items()})
-
-
-def kinds() -> list[str]:
-    return sorted([*_KINDS, *_COMMANDS])
-
-
-def load(kind: str) -> ModuleType | Any:
-    if kind in _COMMANDS:
-        return _COMMANDS[kind]
-    if kind not in _KINDS:
-        raise JobError(f"unknown job kind {kind!r}; this server runs: {', '.join(kinds())}",
-                       [{"field": "kind", "reason": f"unknown kind; one of {kinds()}"}])
-    return importlib.import_module(_KINDS[kind])
+def kind_registry(config: Config | None = None) -> KindRegistry:
+    """The built-in kinds plus one per ``[pipelines.<name>]`` table of ``config``. A bad
+    table name is a ``ConfigError``, reported like any other key of the file."""
+    loaders: dict[str, Callable[[], Kind]] = {
+        name: partial(importlib.import_module, module) for name, module in BUILT_IN.items()}
+    commands = config.pipelines if config else {}
+    origin = config.source_path if config and config.source_path else "config"
+    for name, spec in commands.items():
+        problem = ("clashes with the built-in kind " + repr(name) if name in BUILT_IN else
+                   None if _KIND_NAME.fullmatch(name) else
+                   "a kind name is lowercase letters, digits and _")
+        if problem:
+            raise ConfigError(f"{origin}: invalid configuration\n  pipelines.{name}: {problem}")
+        loaders[name] = partial(_command, name, spec)
+    return KindRegistry(loaders)

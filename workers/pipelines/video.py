@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from daemon import content
 from daemon.config import (
     Crf,
     LookConfig,
@@ -34,7 +35,7 @@ from daemon.config import (
     TransitionSeconds,
 )
 from daemon.jobs import JobError, describe_validation_error
-from workers import content, fonts, gpu, models
+from workers import fonts, gpu, models
 from workers.context import JobContext, JobResult
 from workers.pipelines import animatic, encode, footage, post, report, storyboard
 from workers.pipelines.storyboard import Scene

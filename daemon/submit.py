@@ -1,0 +1,214 @@
+"""The one way a job gets into reelqueue, whichever channel it came from.
+
+A channel turns its own input (a dropped file, a POST, a chat message, a command line)
+into a ``Request`` and hands it to ``Submitter.submit``, which answers ``Accepted`` or
+``Refused``; the channel turns that answer into its own reply. In one place, in this
+order:
+
+1. validate: the kind, its options, the input file names, the prompt's length, and the
+   content blocklist (so a blocked prompt is refused at once, never queued);
+2. idempotency: a request that carries an id already used (the same dropped file, the
+   same chat update, the same ``Idempotency-Key``) collapses into that job. This comes
+   before the caps, since the first request already took its place under them;
+3. caps: the submitter's queued and daily caps and the global queue cap, checked and
+   taken in one Redis script (``daemon.caps``);
+4. the job folder: inputs, then ``spec.json`` (a folder with a spec is a whole job);
+5. enqueue.
+
+A failure after step 3 gives the place back; it removes what step 4 wrote unless the
+request's id is deterministic, in which case the channel's retry (a rescan, a fetched
+update, a client retrying with its key) finds the spec and finishes the enqueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from daemon import caps, content, files
+from daemon.config import Config
+from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec
+from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
+from daemon.queue import QueueClient
+from daemon.schedule import Priority
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An input file of a request: its name, and how to put it at a path in the job
+    folder (atomically: the folder must never hold half an input)."""
+
+    name: str
+    put: Callable[[Path], Awaitable[None]]
+
+    @classmethod
+    def of_bytes(cls, name: str, data: bytes) -> Upload:
+        async def put(dest: Path) -> None:
+            await asyncio.to_thread(files.write_bytes, dest, data)
+
+        return cls(name, put)
+
+    @classmethod
+    def of_file(cls, name: str, path: Path, move: bool = False) -> Upload:
+        """A file on this machine: copied (kept where it is), or moved (a staged upload)."""
+        async def put(dest: Path) -> None:
+            await asyncio.to_thread(files.move_file if move else files.copy_file, path, dest)
+
+        return cls(name, put)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one submitter may do; 0: no cap."""
+
+    max_queued: int = 0
+    max_per_day: int = 0
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str
+    prompt: str
+    options: dict[str, Any]
+    source: Source
+    submitted_by: str
+    priority: Priority = "interactive"
+    inputs: tuple[Upload, ...] = ()  # what the kind works on (checked against its INPUTS)
+    # The request itself as received, kept beside the inputs (a dropped prompt file):
+    # the answer can bring it back even if the sender removed it meanwhile.
+    kept: Upload | None = None
+    # Deterministic where the channel has one (a dropped file's content, a chat update,
+    # an Idempotency-Key): the same id is the same job. None: a new job.
+    job_id: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    spec: JobSpec
+    position: int | None  # 1: next to start; None: no longer waiting
+    duplicate: bool  # an earlier request with this id had made the job already
+
+
+class Refusal(StrEnum):
+    invalid = "invalid"  # a field is wrong; the message names it
+    blocked = "blocked"  # the content blocklist
+    cap = "cap"  # the submitter's queued or daily cap
+    queue_full = "queue_full"  # everybody's cap: try again later
+
+
+@dataclass(frozen=True)
+class Refused:
+    why: Refusal
+    message: str  # for the sender, as is
+    problems: list[dict[str, str]] = field(default_factory=list)
+    retry_after_s: float | None = None
+
+
+class Submitter:
+    def __init__(self, queue: QueueClient, kinds: KindRegistry, jobs_dir: Path,
+                 blocklist: list[str] | None = None, max_waiting: int = 0):
+        self.queue = queue
+        self.kinds = kinds
+        self.jobs_dir = jobs_dir
+        self.blocklist = blocklist or []
+        self.max_waiting = max_waiting  # [queue] max_queued; 0: no cap
+
+    @classmethod
+    def from_config(cls, config: Config, queue: QueueClient, kinds: KindRegistry
+                    ) -> Submitter:
+        return cls(queue, kinds, config.jobs_dir, blocklist=config.queue.blocklist,
+                   max_waiting=config.queue.max_queued)
+
+    async def submit(self, request: Request) -> Accepted | Refused:
+        names = [upload.name for upload in request.inputs]
+        try:
+            options = self.kinds.validate(request.kind, request.prompt, request.options,
+                                          names, request.limits.max_prompt_chars)
+        except JobError as exc:
+            return Refused(Refusal.invalid, str(exc), exc.problems)
+        rule = content.first_match([request.prompt, *_strings(options)], self.blocklist)
+        if rule is not None:
+            return Refused(Refusal.blocked, f"the request matches this server's content rule "
+                           f"{rule!r} ([queue] blocklist), so it was not queued",
+                           [{"field": "prompt", "reason": "matches a content rule"}])
+
+        job_id = request.job_id or new_job_id()
+        existing = await asyncio.to_thread(self._known_spec, job_id)
+        if existing is not None:
+            queued = await self.queue.enqueue(existing)
+            return Accepted(existing, queued.position, duplicate=not queued.accepted)
+
+        limits = request.limits
+        place = await caps.reserve(self.queue.redis, job_id, request.submitted_by,
+                                   limits.max_queued, limits.max_per_day, self.max_waiting)
+        if not place.ok:
+            return self._over_cap(place, limits)
+        uploads = [*request.inputs, *([request.kept] if request.kept else [])]
+        spec = JobSpec(id=job_id, kind=request.kind, prompt=request.prompt, options=options,
+                       inputs=[upload.name for upload in uploads], source=request.source,
+                       submitted_by=request.submitted_by, priority=request.priority)
+        async with self._undone_on_failure(spec, place,
+                                           keep_files=request.job_id is not None):
+            directory = job_dir(self.jobs_dir, job_id)
+            for upload in uploads:
+                await upload.put(directory / "inputs" / upload.name)
+            await asyncio.to_thread(files.write_text, directory / "spec.json",
+                                    spec.model_dump_json(indent=2) + "\n")
+            queued = await self.queue.enqueue(spec)
+        return Accepted(spec, queued.position, duplicate=not queued.accepted)
+
+    def _known_spec(self, job_id: str) -> JobSpec | None:
+        try:
+            return read_spec(self.jobs_dir, job_id)
+        except FileNotFoundError:
+            return None
+
+    @contextlib.asynccontextmanager
+    async def _undone_on_failure(self, spec: JobSpec, place: caps.Reservation,
+                                 keep_files: bool) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException:
+            if not keep_files:
+                shutil.rmtree(job_dir(self.jobs_dir, spec.id), ignore_errors=True)
+            if place.taken:
+                # Best effort: with Redis gone, the place frees itself (daemon.caps).
+                with contextlib.suppress(RedisError, OSError):
+                    await caps.give_back(self.queue.redis, spec.id, spec.submitted_by)
+            raise
+
+    def _over_cap(self, place: caps.Reservation, limits: Limits) -> Refused:
+        if place.verdict == "queue_full":
+            return Refused(Refusal.queue_full, f"the queue is full ({place.count} jobs "
+                           f"waiting, the limit is {self.max_waiting}); try again later",
+                           retry_after_s=60.0)
+        if place.verdict == "queued":
+            return Refused(Refusal.cap, f"you have {place.count} jobs queued or running, "
+                           f"the most allowed ({limits.max_queued}); send more when one has "
+                           "finished", retry_after_s=60.0)
+        wait = caps.seconds_to_utc_midnight()
+        return Refused(Refusal.cap, f"you have used your {limits.max_per_day} jobs for today; "
+                       f"the cap resets at midnight UTC, in {wait / 3600:.1f} h",
+                       retry_after_s=wait)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every text inside the options (scene descriptions, titles, subtitles…)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)

@@ -184,8 +184,10 @@ class HttpApi:
         return links.file_link(self.link_key, job_id, name, self.http.link_ttl)
 
     def _signed(self, request: web.Request, job_id: str, name: str) -> bool:
-        return links.verify(self.link_key, job_id, name, request.query.get("expires", ""),
-                            request.query.get("sig", ""))
+        """A signed query opens any of the job's files (the report page reuses its own
+        query for the video); ``name`` only for links signed per file before."""
+        return links.verify(self.link_key, job_id, request.query.get("expires", ""),
+                            request.query.get("sig", ""), name)
 
     # --- job access ---------------------------------------------------------------------
 

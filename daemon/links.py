@@ -1,6 +1,9 @@
 """Signed links to a job's files: they work without a token (a browser can play the
-video, a chat message can link it), and only for the file and the time they name.
-Shared by the HTTP API, which serves them, and the chat bot, which sends them."""
+video, a chat message can link it), for the job and the time they name. The signature
+covers the job id and the expiry, not the file name, so one link's query opens every
+artifact of that job and no other job's: the report page served by the HTTP API plays
+its video by reusing its own query (see ``workers.pipelines.report``). Shared by the
+HTTP API, which serves them, and the chat bot, which sends them."""
 
 from __future__ import annotations
 
@@ -26,22 +29,32 @@ def link_key(state_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def sign(key: bytes, job_id: str, name: str, expires: int) -> str:
-    message = f"{job_id}\0{name}\0{expires}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+def sign(key: bytes, job_id: str, expires: int) -> str:
+    """The signature for all of job ``job_id``'s files until ``expires`` (Unix time)."""
+    return _mac(key, f"files\0{job_id}\0{expires}")
 
 
 def file_link(key: bytes, job_id: str, name: str, ttl_s: float, base: str = "") -> str:
     """``{base}/jobs/{id}/files/{name}?expires=…&sig=…``, valid for ``ttl_s``."""
     expires = int(time.time() + ttl_s)
     return (f"{base.rstrip('/')}/jobs/{job_id}/files/{quote(name)}?expires={expires}"
-            f"&sig={sign(key, job_id, name, expires)}")
+            f"&sig={sign(key, job_id, expires)}")
 
 
-def verify(key: bytes, job_id: str, name: str, expires: str, signature: str) -> bool:
+def verify(key: bytes, job_id: str, expires: str, signature: str, name: str = "") -> bool:
+    """Whether ``expires`` and ``signature`` open job ``job_id``'s files now. Given the
+    file's ``name``, a link signed the old way (job, name and expiry: sent before the
+    upgrade) opens that one file until it expires."""
     if not signature or not expires.isdigit() or int(expires) < time.time():
         return False
-    return hmac.compare_digest(signature, sign(key, job_id, name, int(expires)))
+    if hmac.compare_digest(signature, sign(key, job_id, int(expires))):
+        return True
+    return bool(name) and hmac.compare_digest(signature,
+                                              _mac(key, f"{job_id}\0{name}\0{int(expires)}"))
+
+
+def _mac(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def safe_filename(name: str) -> str:

@@ -393,8 +393,6 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
     written, so a delivery interrupted by a crash finishes under the same names. The
     request leaves the inbox last.
     """
-    from workers.pipelines.report import write_html  # the report page links the video by name
-
     inbox = Path(spec.source.folder or "")
     request = inbox / (spec.source.filename or "")
     plan_path = directory / "delivery.json"
@@ -434,10 +432,8 @@ def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, st
             if key.startswith("extra:"):
                 files.copy_file(directory / key.removeprefix("extra:"), dest)
         files.copy_file(directory / "report.json", out["report.json"])
-        if spec.kind == "video":
-            write_html(directory, out["report.html"], video_name=out["primary"].name)
-        else:
-            files.copy_file(directory / "report.html", out["report.html"])
+        # As the worker wrote it: named <stem>.report.html, its page plays <stem>.mp4.
+        files.copy_file(directory / "report.html", out["report.html"])
     else:
         reason = outcome.error or outcome.status.value
         files.write_text(out["error"], _error_text(request.name, reason, spec.id, inbox))

@@ -184,8 +184,10 @@ class HttpApi:
         return links.file_link(self.link_key, job_id, name, self.http.link_ttl)
 
     def _signed(self, request: web.Request, job_id: str, name: str) -> bool:
-        return links.verify(self.link_key, job_id, name, request.query.get("expires", ""),
-                            request.query.get("sig", ""))
+        """A signed query opens any of the job's files (the report page reuses its own
+        query for the video); ``name`` only for links signed per file before."""
+        return links.verify(self.link_key, job_id, request.query.get("expires", ""),
+                            request.query.get("sig", ""), name)
 
     # --- job access ---------------------------------------------------------------------
 
@@ -473,23 +475,8 @@ class HttpApi:
         if name not in artifacts:  # only the job's own artifacts: no path escapes
             raise ApiError(404, f"job {job_id} has no file {name!r}; see links.files in "
                          f"GET /jobs/{job_id}")
-        spec = read_spec(self.config.jobs_dir, job_id)
-        if name == "report.html" and spec.kind == "video":
-            return await self._report_page(job_id, artifacts)
+        # Served as the worker wrote it; the report page plays the video by itself.
         return web.FileResponse(artifacts[name], headers={"Cache-Control": "private"})
-
-    async def _report_page(self, job_id: str, artifacts: dict[str, Path]) -> web.Response:
-        """The report, with its video linked by a signed URL so it plays in a browser."""
-        from workers.pipelines.report import render_html
-
-        directory = job_dir(self.config.jobs_dir, job_id)
-        report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
-        outcome = JobOutcome.read(directory)
-        primary = Path(outcome.primary).name if outcome and outcome.primary else ""
-        link = self.file_link(job_id, primary).rsplit("/", 1)[1]  # relative to files/
-        page = await asyncio.to_thread(render_html, directory, report, link)
-        return web.Response(text=page, content_type="text/html",
-                            headers={"Cache-Control": "private"})
 
 
 class HttpIntake:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config
-from daemon.jobs import read_spec
+from daemon.jobs import JobOutcome, JobSpec, JobStatus, Source, read_spec
 from daemon.queue import QueueClient
-from intake.folder import FolderIntake, folder_job_id
+from intake.folder import FolderIntake, deliver, folder_job_id
 from tests.conftest import submitter_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -203,3 +203,26 @@ async def test_polling_observer_for_network_shares(config, queue):
         await until(lambda: queued_ids(queue), what="the polled file")
     finally:
         await intake.stop()
+
+
+def test_delivery_copies_the_report_page_as_written_beside_the_video_of_its_stem(tmp_path):
+    """The worker's report.html plays "<stem><suffix>" when named "<stem>.report.html"
+    (workers.pipelines.report.PLAYER_JS): delivery gives the page and the video one stem,
+    the one picked at delivery time, and copies the page byte for byte."""
+    inbox, directory = tmp_path / "drop", tmp_path / "jobs" / "job1"
+    (inbox / "done").mkdir(parents=True)
+    directory.mkdir(parents=True)
+    (inbox / "done" / "fox.report.html").write_text("an earlier fox")  # so this one is fox-2
+    (inbox / "fox.txt").write_text("a red fox")
+    page = '<video id=film src="video.mp4"></video><script>/* the player */</script>'
+    for name, data in {"video.mp4": "film", "report.json": "{}", "report.html": page}.items():
+        (directory / name).write_text(data)
+    spec = JobSpec(id="job1", kind="video", prompt="a red fox",
+                   source=Source(channel="folder", folder=str(inbox), filename="fox.txt"))
+    outcome = JobOutcome(JobStatus.done, primary="video.mp4",
+                         reports=["report.json", "report.html"])
+    delivered = {key: Path(path) for key, path in deliver(spec, outcome, directory).items()}
+    assert delivered["report.html"] == inbox / "done" / "fox-2.report.html"
+    assert delivered["primary"] == inbox / "done" / "fox-2.mp4"
+    assert delivered["report.html"].read_text() == page
+    assert delivered["primary"].read_text() == "film"

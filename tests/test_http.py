@@ -13,7 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
+from daemon import links
 from daemon.config import load_config
+from daemon.jobs import Channel, JobOutcome, JobSpec, JobStatus, Source, write_spec
 from daemon.queue import QueueClient
 from intake.http import HttpApi
 from intake.openapi import openapi_document
@@ -243,6 +245,50 @@ async def test_index_page_is_served_without_a_token(client):
     assert response.status == 200 and "<title>reelqueue</title>" in await response.text()
 
 
+def finished_job(api: HttpApi, job_id: str, owner: str = "alice") -> Path:
+    """A done video job on disk, as the worker leaves it (no worker needed)."""
+    spec = JobSpec(id=job_id, kind="video", prompt="a red fox", submitted_by=owner,
+                   source=Source(channel=Channel.http, client=owner))
+    directory = write_spec(api.config.jobs_dir, spec)
+    for name, data in {"video.mp4": f"film of {job_id}", "report.json": "{}",
+                       "report.html": f'<video id=film src="video.mp4"></video> {job_id}'
+                       }.items():
+        (directory / name).write_text(data)
+    JobOutcome(JobStatus.done, primary="video.mp4",
+               reports=["report.json", "report.html"]).write(directory)
+    return directory
+
+
+async def test_a_signed_report_link_serves_the_page_as_written_and_opens_its_video(client):
+    directory = finished_job(client.api, "job1")
+    link = client.api.file_link("job1", "report.html")
+    response = await client.get(link)  # no token
+    assert response.status == 200 and response.content_type == "text/html"
+    assert await response.read() == (directory / "report.html").read_bytes()
+    video = await client.get(link.replace("/report.html?", "/video.mp4?"))
+    assert video.status == 200 and await video.text() == "film of job1"
+
+
+async def test_a_signed_link_opens_only_its_own_job_and_only_until_it_expires(client):
+    finished_job(client.api, "job1")
+    finished_job(client.api, "job2")
+    query = client.api.file_link("job1", "report.html").split("?")[1]
+    await error_of(await client.get(f"/jobs/job2/files/video.mp4?{query}"), 401)
+    await error_of(await client.get(f"/jobs/job2/files/report.html?{query}"), 401)
+    expires, sig = (field.split("=")[1] for field in query.split("&"))
+    later = int(expires) + 3600
+    await error_of(await client.get(f"/jobs/job1/files/video.mp4?expires={later}&sig={sig}"),
+                   401)
+    tampered = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+    await error_of(await client.get(
+        f"/jobs/job1/files/video.mp4?expires={expires}&sig={tampered}"), 401)
+    expired = links.file_link(client.api.link_key, "job1", "video.mp4", ttl_s=-1)
+    await error_of(await client.get(expired), 401)
+    # Not an artifact: a signature opens none of the job's other files.
+    await error_of(await client.get(f"/jobs/job1/files/spec.json?{query}"), 404)
+    assert (await client.get(f"/jobs/job1/files/video.mp4?{query}")).status == 200
+
+
 def test_end_to_end_submit_poll_download_seek_and_cancel(tmp_path, redis_url, spawn,
                                                          monkeypatch):
     import urllib.request
@@ -295,8 +341,13 @@ def test_end_to_end_submit_poll_download_seek_and_cancel(tmp_path, redis_url, sp
     assert call("GET", video_link.replace("sig=", "sig=0"), headers={})[0] == 401
     assert call("GET", f"/jobs/{job_id}/files/spec.json")[0] == 404  # not an artifact
     assert call("GET", f"/jobs/{job_id}/files/..%2Fspec.json")[0] == 404
-    status, headers, page = call("GET", job["links"]["files"]["report.html"], headers={})
-    assert status == 200 and b"video.mp4?expires=" in page
+    report_link = job["links"]["files"]["report.html"]
+    status, headers, page = call("GET", report_link, headers={})
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert page == (tmp_path / "var" / "jobs" / job_id / "report.html").read_bytes()
+    # The page plays "video.mp4" with its own signed query (its player script does that).
+    played = report_link.replace("/report.html?", "/video.mp4?")
+    assert call("GET", played, headers={"Range": "bytes=0-99"})[2] == video[:100]
     assert call("DELETE", f"/jobs/{job_id}")[0] == 409
     metrics = call("GET", "/metrics")[2].decode()
     assert 'reelqueue_jobs_finished_total{kind="video",outcome="done"} 1.0' in metrics

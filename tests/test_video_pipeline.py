@@ -4,16 +4,23 @@ keep it fast. Post-production's own steps are tested in tests/test_post_*.py."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
 from daemon.config import Config, StateConfig, VideoConfig
-from daemon.jobs import JobError, JobSpec, JobStatus, Source
+from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, Source
+from intake.folder import deliver
 from workers import fonts, gpu
 from workers.pipelines import report
 from workers.pipelines.overlays import wrap
@@ -159,7 +166,8 @@ def test_report_json_describes_the_job(finished) -> None:
 def test_report_html_is_self_contained(finished) -> None:
     job_dir, _ = finished
     page = (job_dir / "report.html").read_text(encoding="utf-8")
-    assert "<video" in page and 'src="video.mp4"' in page
+    assert '<video id=film' in page and 'src="video.mp4"' in page
+    assert "<script>" in page and "<script src" not in page  # the player script is inline
     assert "The keeper&#x27;s eyes, tired but calm." in page
     assert "Listen." in page and "close up" in page
     assert page.count('<img src="data:image/jpeg;base64,') == 3
@@ -168,12 +176,63 @@ def test_report_html_is_self_contained(finished) -> None:
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
 
-def test_html_report_can_be_written_for_a_delivered_video(finished, tmp_path) -> None:
+def player_src(page: str, url: str) -> str:
+    """What the page's player script sets the video's source to when the page is opened
+    at ``url``: the inline script, run by node with a stand-in DOM."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the player script is not run")
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    src = html.unescape(re.search(r'<video id=film[^>]* src="([^"]*)"', page).group(1))
+    harness = f"""
+const url = new URL({json.dumps(url)}), attrs = {{src: {json.dumps(src)}}};
+const video = {{getAttribute: n => attrs[n], setAttribute: (n, v) => {{ attrs[n] = v; }}}};
+const document = {{getElementById: id => (id === "film" ? video : null)}};
+const location = {{pathname: url.pathname, search: url.search}};
+{script}
+process.stdout.write(attrs.src);
+"""
+    return subprocess.run([node, "-e", harness], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+def test_the_report_page_finds_its_video_wherever_it_is_opened(finished) -> None:
     job_dir, _ = finished
-    dest = report.write_html(job_dir, tmp_path / "my clip.report.html", video_name="my clip.mp4")
-    page = dest.read_text(encoding="utf-8")
-    assert 'src="my%20clip.mp4"' in page
-    assert page.count("data:image/jpeg;base64,") >= 3  # thumbnails come from the job dir
+    page = (job_dir / "report.html").read_text(encoding="utf-8")
+    # In the job directory (and from the digest, which links it there).
+    assert player_src(page, (job_dir / "report.html").as_uri()) == "video.mp4"
+    # Delivered to a folder: the stem is the page's own name's.
+    assert player_src(page, "file:///srv/drop/done/fox-2.report.html") == "fox-2.mp4"
+    assert player_src(page, "file:///srv/drop/done/my%20clip%20%231.report.html") == \
+        "my%20clip%20%231.mp4"
+    # Served by the HTTP API under a signed link: the same signature opens the video.
+    served = "http://127.0.0.1:8686/jobs/job1/files/report.html?expires=99&sig=abc"
+    assert player_src(page, served) == "video.mp4?expires=99&sig=abc"
+    assert urljoin(served, player_src(page, served)) == \
+        "http://127.0.0.1:8686/jobs/job1/files/video.mp4?expires=99&sig=abc"
+    assert player_src(page, served.split("?")[0]) == "video.mp4"
+
+
+def test_the_delivered_report_is_the_workers_and_names_the_delivered_video(
+        finished, tmp_path) -> None:
+    job_dir, _ = finished
+    directory = tmp_path / "job1"
+    shutil.copytree(job_dir, directory)
+    inbox = tmp_path / "drop"
+    (inbox / "done").mkdir(parents=True)
+    (inbox / "done" / "fox.mp4").write_bytes(b"an earlier fox")  # so this one is fox-2
+    (inbox / "fox.txt").write_text("A lighthouse keeper's evening.")
+    spec = make_spec().model_copy(update={"source": Source(
+        channel="folder", folder=str(inbox), filename="fox.txt")})
+    delivered = {key: Path(value) for key, value in
+                 deliver(spec, JobOutcome.read(directory), directory).items()}
+    page = delivered["report.html"]
+    assert page.name == "fox-2.report.html" and delivered["primary"].name == "fox-2.mp4"
+    assert page.read_bytes() == (job_dir / "report.html").read_bytes()  # not re-rendered
+    video = urljoin(page.as_uri(), player_src(page.read_text(encoding="utf-8"),
+                                              page.as_uri()))
+    assert Path(url2pathname(urlsplit(video).path)) == delivered["primary"]
+    assert delivered["primary"].read_bytes() == (job_dir / "video.mp4").read_bytes()
 
 
 def test_html_report_escapes_user_text(finished) -> None:
@@ -182,7 +241,8 @@ def test_html_report_escapes_user_text(finished) -> None:
     data["prompt"] = "<script>alert('x')</script>"
     data["storyboard"]["scenes"][0]["subtitle"] = "<b>loud</b>"
     page = report.render_html(job_dir, data, 'a"b.mp4')
-    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert" in page
+    assert page.count("<script>") == 1  # the page's own player script only
     assert "<b>loud" not in page and "&lt;b&gt;loud" in page
     assert 'src="a&quot;b.mp4"' in page  # a URL, escaped as an attribute
 

@@ -4,12 +4,15 @@
 setting as resolved (config defaults included), the storyboard with each scene's
 prompt, the subtitles, timings per stage, the device, degradations and warnings.
 
-The HTML is one self-contained file (inline CSS and SVG charts, thumbnails as base64
-JPEG, no network) that plays the video from a sibling file. Delivery renames the video
-(to ``<stem>.mp4`` beside ``<stem>.report.html``), so it calls ``write_html`` again
-with the delivered names; thumbnails are found through ``report.json``, which names
-them relative to the job directory. The page renders older reports too: every section
-whose data is missing is left out.
+The HTML is one self-contained file (inline CSS, SVG charts and script, thumbnails as
+base64 JPEG, no network) that plays the video from a sibling file. It is written once,
+here, and copied or served unchanged: a tiny inline script (``PLAYER_JS``) finds the
+video wherever the page is opened. In the job directory that is ``video.mp4``; delivered
+to a folder as ``<stem>.report.html`` it is ``<stem>.mp4`` beside it; served by the
+HTTP API under a signed link (``…/files/report.html?expires=…&sig=…``) it is
+``video.mp4`` with the same query, since a signature opens all of one job's files
+(``daemon.links``). Without script the player falls back to ``video.mp4``. The page
+renders older reports too: every section whose data is missing is left out.
 """
 
 from __future__ import annotations
@@ -114,12 +117,11 @@ def write_reports(job_dir: Path, report: dict[str, Any]) -> None:
     write_html(job_dir)
 
 
-def write_html(job_dir: Path, dest: Path | None = None, video_name: str = "video.mp4") -> Path:
-    """Write the HTML page for the report in ``job_dir`` to ``dest`` (by default
-    ``<job_dir>/report.html``), its player pointing at ``video_name`` in the same folder.
-    Returns the path written."""
+def write_html(job_dir: Path, video_name: str = "video.mp4") -> Path:
+    """Write ``<job_dir>/report.html`` for the report in ``job_dir``, its player pointing
+    at ``video_name`` in the same folder. Returns the path written."""
     report = json.loads((job_dir / REPORT_JSON).read_text(encoding="utf-8"))
-    dest = dest or job_dir / REPORT_HTML
+    dest = job_dir / REPORT_HTML
     files.write_text(dest, render_html(job_dir, report, quote(video_name)))
     return dest
 
@@ -127,8 +129,23 @@ def write_html(job_dir: Path, dest: Path | None = None, video_name: str = "video
 # --- the page ----------------------------------------------------------------------------
 
 
+# Where the video is, wherever the page was opened (the module docstring says where).
+# The player's src is the job directory's name, e.g. "video.mp4"; a page named
+# "<stem>.report.html" (folder delivery) plays "<stem>" + that name's suffixes, e.g.
+# "fox-2.mp4"; a page opened with a signed query passes the query on. Both names stay
+# percent-encoded as the URL has them. No network, no dependencies: it works as file://.
+PLAYER_JS = r"""(function () {
+  var video = document.getElementById("film"), src = video.getAttribute("src");
+  var page = /\/([^\/]+)\.report\.html$/.exec(location.pathname);
+  if (page) src = page[1] + src.slice(src.indexOf("."));
+  if (/[?&]sig=/.test(location.search)) src += location.search;
+  if (src !== video.getAttribute("src")) video.setAttribute("src", src);
+})();"""
+
+
 def render_html(job_dir: Path, report: dict[str, Any], video_url: str) -> str:
-    """The report page; ``video_url`` is the player's source, a URL relative to the page."""
+    """The report page; ``video_url`` is the player's source in the job directory, a URL
+    relative to the page (``PLAYER_JS`` adapts it where the page is delivered)."""
     board, output = report["storyboard"], report["output"]
     thumbnails = [data_uri(job_dir / scene["thumbnail"]) for scene in board["scenes"]]
     still = data_uri(job_dir / report["poster"]) if report.get("poster") else ""
@@ -171,7 +188,8 @@ def render_html(job_dir: Path, report: dict[str, Any], video_url: str) -> str:
 from {_e(source['channel'])}{sender}</p>
 </header>
 <blockquote class=prompt>{prompt}</blockquote>
-<video controls preload="metadata"{poster} src={_q(video_url)}>{track}</video>
+<video id=film controls preload="metadata"{poster} src={_q(video_url)}>{track}</video>
+<script>{PLAYER_JS}</script>
 <div class=facts>{fact_cards}</div>
 {_notices(report)}
 <section><h2>Storyboard</h2>

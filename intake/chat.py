@@ -538,7 +538,7 @@ class ChatIntake:
 
     async def cmd_storyboard(self, ask: Ask, args: str, message: Message) -> None:
         """The scenes, planned here in a moment: no GPU time until the user says render."""
-        from workers.pipelines import storyboard as planner
+        from daemon import storyboard as planner
 
         if not args:
             await self.reply(ask, texts.usage("storyboard", takes_files=False))

@@ -39,7 +39,6 @@ from daemon.jobs import (
     Source,
     derive_job_id,
     job_dir,
-    read_spec,
 )
 from daemon.logs import get_logger
 from daemon.lookup import find_job

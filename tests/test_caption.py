@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from daemon.config import CaptionConfig, Config, StateConfig
-from daemon.jobs import JobSpec, Source, job_dir, validate_request
+from daemon.jobs import JobSpec, Source, job_dir
 from tests.tiny_git import WORDS, build_tiny_git
 from workers import gpu
-from workers.pipelines import caption
+from workers.pipelines import caption, kind_registry
 from workers.runner import run_job_sync
+
+KINDS = kind_registry()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def run_caption(tmp_path, model, video_name="clip.mp4", video=two_shot_video, **
     config = Config(state=StateConfig(dir=tmp_path / "var"), caption=CaptionConfig(model=model))
     spec = JobSpec(id="cap" + str(abs(hash(str(tmp_path))))[:10], kind="caption",
                    inputs=[video_name],
-                   options=validate_request("caption", "", options, [video_name]),
+                   options=KINDS.validate("caption", "", options, [video_name]),
                    source=Source(channel="cli"))
     inputs = job_dir(config.jobs_dir, spec.id) / "inputs"
     inputs.mkdir(parents=True)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError, load_config
-from daemon.jobs import JobError, JobSpec, Source, job_dir, validate_request
+from daemon.jobs import JobError, JobSpec, Source, job_dir
 from intake.folder import deliver
 from tests.conftest import write_config
+from workers.pipelines import kind_registry
 from workers.runner import Cancellation, run_job_sync
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,7 +40,7 @@ def make_config(tmp_path):
 def submit(config, kind, prompt="", data=b"input bytes", name="clip.mp4"):
     spec = JobSpec(id=f"cmd{abs(hash((kind, prompt, time.time_ns()))) % 10**12}", kind=kind,
                    prompt=prompt, inputs=[name] if data is not None else [],
-                   options=validate_request(kind, prompt, {}, [name]),
+                   options=kind_registry(config).validate(kind, prompt, {}, [name]),
                    source=Source(channel="cli"))
     directory = job_dir(config.jobs_dir, spec.id)
     if data is not None:
@@ -141,15 +142,16 @@ def test_cancel_kills_the_whole_process_group(make_config):
 
 
 def test_requests_are_checked_against_the_declaration(make_config):
-    make_config(relight=pipeline_table("research_ok.py", "--prompt", "{prompt}"))
+    kinds = kind_registry(make_config(relight=pipeline_table("research_ok.py", "--prompt",
+                                                             "{prompt}")))
     with pytest.raises(JobError, match="must not start with '-'"):
-        validate_request("relight", "--delete-everything", {}, ["clip.mp4"])
+        kinds.validate("relight", "--delete-everything", {}, ["clip.mp4"])
     with pytest.raises(JobError, match="takes .mp4"):
-        validate_request("relight", "", {}, ["notes.pdf"])
+        kinds.validate("relight", "", {}, ["notes.pdf"])
     with pytest.raises(JobError, match="needs an input file"):
-        validate_request("relight", "a prompt alone", {})
+        kinds.validate("relight", "a prompt alone", {})
     with pytest.raises(JobError, match="unknown option 'strength'"):
-        validate_request("relight", "", {"strength": 2}, ["clip.mp4"])
+        kinds.validate("relight", "", {"strength": 2}, ["clip.mp4"])
 
 
 def test_a_job_without_its_input_is_refused(make_config):
@@ -178,5 +180,7 @@ def test_bad_declarations_are_config_errors(tmp_path, body, message):
 
 
 def test_a_declaration_cannot_shadow_a_built_in_kind(tmp_path):
+    config = load_config(write_config(tmp_path, "", **{"pipelines.video":
+                                                       pipeline_table("x.py")}))
     with pytest.raises(ConfigError, match="clashes with the built-in kind 'video'"):
-        load_config(write_config(tmp_path, "", **{"pipelines.video": pipeline_table("x.py")}))
+        kind_registry(config)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from daemon.storyboard import PlanRequest, Scene
 from tests import tiny_models
 from workers import gpu
 from workers.context import JobCancelled
 from workers.pipelines import llm_storyboard
 from workers.pipelines.llm_storyboard import LlmSettings
-from workers.pipelines.storyboard import PlanRequest, Scene
 
 PROMPT = "A red fox runs through the snow. The sun sets. It looks back at the camera."
 VALID_REPLY = json.dumps({

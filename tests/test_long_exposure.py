@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from daemon.config import Config, StateConfig
-from daemon.jobs import JobError, JobSpec, Source, job_dir, validate_request
+from daemon.jobs import JobError, JobSpec, Source, job_dir
 from tests.synthetic import psnr, render
 from workers import media
+from workers.pipelines import kind_registry
 from workers.pipelines import long_exposure as le
 from workers.runner import run_job_sync
+
+KINDS = kind_registry()
 
 
 def test_soft_gamma_curves_invert_each_other():
@@ -72,7 +75,7 @@ def _run(tmp_path, frames, **options):
     config = Config(state=StateConfig(dir=tmp_path / "var"))
     spec = JobSpec(id="le" + str(abs(hash((tmp_path, tuple(options.items())))))[:12],
                    kind="long_exposure",
-                   options=validate_request("long_exposure", "", options, ["frame.png"]),
+                   options=KINDS.validate("long_exposure", "", options, ["frame.png"]),
                    inputs=[f"frame_{i:03d}.png" for i in range(len(frames))],
                    source=Source(channel="cli"))
     inputs = job_dir(config.jobs_dir, spec.id) / "inputs"
@@ -157,10 +160,10 @@ def test_one_frame_is_not_enough(tmp_path):
 
 def test_options_are_validated():
     with pytest.raises(JobError, match="mask_low must be below mask_high"):
-        validate_request("long_exposure", "", {"mask_low": 0.5, "mask_high": 0.4}, ["a.zip"])
+        KINDS.validate("long_exposure", "", {"mask_low": 0.5, "mask_high": 0.4}, ["a.zip"])
     with pytest.raises(JobError, match="option 'mode'"):
-        validate_request("long_exposure", "", {"mode": "dreamy"}, ["a.zip"])
+        KINDS.validate("long_exposure", "", {"mode": "dreamy"}, ["a.zip"])
     with pytest.raises(JobError, match="takes .mp4"):
-        validate_request("long_exposure", "", {}, ["notes.txt"])
+        KINDS.validate("long_exposure", "", {}, ["notes.txt"])
     with pytest.raises(JobError, match="needs an input file"):
-        validate_request("long_exposure", "a prompt alone", {})
+        KINDS.validate("long_exposure", "a prompt alone", {})

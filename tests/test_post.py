@@ -14,10 +14,10 @@ import pytest
 
 from daemon.config import Config, PostConfig, StateConfig, VideoConfig
 from daemon.jobs import JobError, JobSpec, JobStatus, Source
+from daemon.storyboard import Storyboard, StoryboardScene
 from workers import fonts
 from workers.context import JobCancelled, JobContext
 from workers.pipelines import encode, post
-from workers.pipelines.storyboard import Storyboard, StoryboardScene
 from workers.runner import run_job_sync
 
 FMT = encode.VideoFormat(width=160, height=96, fps=8)

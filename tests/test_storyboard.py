@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.jobs import JobError, validate_request
-from workers.pipelines import storyboard
-from workers.pipelines.storyboard import PlanRequest, Scene, plan
+from daemon import storyboard
+from daemon.jobs import JobError
+from daemon.storyboard import PlanRequest, Scene, plan
+from workers.pipelines import kind_registry
+
+KINDS = kind_registry()
 
 FOX_ZH = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。"
 FOX_EN = ("A red fox runs through the snow at dawn. The sun rises over the mountains. "
@@ -208,7 +211,7 @@ def test_same_words_give_the_same_seed_whatever_the_format() -> None:
 
 
 def test_valid_request_returns_normalised_options() -> None:
-    options = validate_request("video", FOX_EN, {"duration": "12", "width": 640, "fps": 24})
+    options = KINDS.validate("video", FOX_EN, {"duration": "12", "width": 640, "fps": 24})
     assert options == {"duration": 12.0, "width": 640, "fps": 24}
 
 
@@ -232,29 +235,29 @@ def test_valid_request_returns_normalised_options() -> None:
 ])
 def test_bad_options_are_rejected_naming_the_field(options: dict, expected: str) -> None:
     with pytest.raises(JobError) as error:
-        validate_request("video", FOX_EN, options)
+        KINDS.validate("video", FOX_EN, options)
     assert expected in str(error.value)
 
 
 def test_empty_prompt_without_scenes_is_rejected() -> None:
     with pytest.raises(JobError, match="the prompt is empty.*scenes"):
-        validate_request("video", "  \n", {})
+        KINDS.validate("video", "  \n", {})
     with pytest.raises(JobError, match="no words"):
-        validate_request("video", "!!! ...", {})
+        KINDS.validate("video", "!!! ...", {})
 
 
 def test_empty_prompt_with_scenes_is_fine() -> None:
-    assert validate_request("video", "", {"scenes": [{"description": "A cat."}]})
+    assert KINDS.validate("video", "", {"scenes": [{"description": "A cat."}]})
 
 
 def test_scene_durations_that_disagree_with_duration_are_rejected() -> None:
     scenes = [{"description": "One.", "duration_s": 4}, {"description": "Two.", "duration_s": 5}]
     with pytest.raises(JobError, match=r"add up to 9 s but duration is 12 s"):
-        validate_request("video", "", {"scenes": scenes, "duration": 12})
-    validate_request("video", "", {"scenes": scenes, "duration": 9})
+        KINDS.validate("video", "", {"scenes": scenes, "duration": 12})
+    KINDS.validate("video", "", {"scenes": scenes, "duration": 9})
 
 
 def test_duration_that_leaves_too_little_for_open_scenes_is_rejected() -> None:
     scenes = [{"description": "One.", "duration_s": 8}, {"description": "Two."}]
     with pytest.raises(JobError, match=r"leaves 2.00 s for each of the 1 scene"):
-        validate_request("video", "", {"scenes": scenes, "duration": 10})
+        KINDS.validate("video", "", {"scenes": scenes, "duration": 10})

@@ -22,18 +22,20 @@ import pytest
 import torch
 
 from daemon.config import Config, StateConfig, UpscaleConfig
-from daemon.jobs import JobSpec, Source, job_dir, validate_request
+from daemon.jobs import JobSpec, Source, job_dir
 from tests.rrdbnet import RRDBNet
 from workers import gpu, media
-from workers.pipelines import upscale
+from workers.pipelines import kind_registry, upscale
 from workers.runner import run_job_sync
+
+KINDS = kind_registry()
 
 
 def run_upscale(tmp_path, name, write_input, model_path=None, **options):
     config = Config(state=StateConfig(dir=tmp_path / "var"),
                     upscale=UpscaleConfig(model=model_path, tile=32, tile_context=24))
     spec = JobSpec(id="up" + str(abs(hash((str(tmp_path), name))))[:10], kind="upscale",
-                   inputs=[name], options=validate_request("upscale", "", options, [name]),
+                   inputs=[name], options=KINDS.validate("upscale", "", options, [name]),
                    source=Source(channel="cli"))
     inputs = job_dir(config.jobs_dir, spec.id) / "inputs"
     inputs.mkdir(parents=True)
@@ -196,4 +198,4 @@ def test_spandrel_loads_an_esrgan_family_pth(tmp_path):
 
 def test_only_images_and_videos_are_taken():
     with pytest.raises(Exception, match="takes .png"):
-        validate_request("upscale", "", {}, ["notes.txt"])
+        KINDS.validate("upscale", "", {}, ["notes.txt"])

@@ -11,7 +11,6 @@ font cannot draw is left out of the picture rather than drawn as empty boxes.
 from __future__ import annotations
 
 import importlib.util
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,13 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from daemon.jobs import JobError
-
-# Characters of scripts written without spaces between words (Chinese, Japanese,
-# Korean), their punctuation and full-width forms: they wrap per character.
-CJK = re.compile(
-    "[\u2e80-\u2fdf\u3000-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
-    "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef]"
-)
+from daemon.text import CJK
 
 BUNDLED_PACKAGE = "cvttf_NotoSansCJK_Regular"
 DEJAVU_PATHS = (
@@ -38,10 +31,6 @@ DEJAVU_PATHS = (
 SAMPLE_SIZE = 24  # distinct characters checked per text: enough to tell a script apart
 # A private-use code point no font maps: it draws the font's "missing glyph" shape.
 _UNMAPPED = "\U0010fffd"
-
-
-def has_cjk(text: str) -> bool:
-    return CJK.search(text) is not None
 
 
 def find_font(text: str, configured: Path | None = None) -> tuple[Path | None, list[str]]:

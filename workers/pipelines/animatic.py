@@ -30,12 +30,12 @@ import cv2
 import numpy as np
 
 from daemon import files
+from daemon.storyboard import Camera, Storyboard, StoryboardScene
 from workers import media
 from workers.context import JobContext
 from workers.fonts import covers, load_font
 from workers.pipelines import encode
 from workers.pipelines.overlays import Card, Overlay, over, wrap
-from workers.pipelines.storyboard import Camera, Storyboard, StoryboardScene
 
 RENDERER_VERSION = 2  # bump when the look changes, so kept clips are re-rendered
 SCENES_DIR = "scenes"

@@ -19,12 +19,12 @@ import numpy as np
 
 from daemon import files
 from daemon.config import Config
+from daemon.storyboard import Storyboard, StoryboardScene
 from workers import gpu, models
 from workers.context import JobContext
 from workers.pipelines import diffusion, encode
 from workers.pipelines.animatic import SCENES_DIR, SceneClip, thumbnail_jpeg
 from workers.pipelines.llm_storyboard import video_prompt
-from workers.pipelines.storyboard import Storyboard, StoryboardScene
 
 CLIP_VERSION = 1  # bump when anything here changes the pixels of a clip
 

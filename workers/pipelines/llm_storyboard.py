@@ -37,10 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from workers import gpu
-from workers.models import ModelError
-from workers.pipelines import storyboard
-from workers.pipelines.storyboard import (
+from daemon import storyboard
+from daemon.storyboard import (
     MAX_SCENE_S,
     MAX_SCENES,
     MIN_SCENE_S,
@@ -50,6 +48,8 @@ from workers.pipelines.storyboard import (
     Storyboard,
     StoryboardScene,
 )
+from workers import gpu
+from workers.models import ModelError
 
 # Weights are only ever read from local folders; no library may try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -27,12 +27,12 @@ from urllib.parse import quote
 
 from daemon import files
 from daemon.config import PostConfig
+from daemon.storyboard import Storyboard
+from daemon.text import has_cjk
 from workers import reports
 from workers.context import JobContext
-from workers.fonts import has_cjk
 from workers.pipelines.animatic import SceneClip
 from workers.pipelines.post import Production
-from workers.pipelines.storyboard import Storyboard
 from workers.pipelines.subtitles import VTT_FILE
 
 REPORT_JSON = "report.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from daemon import content
+from daemon import content, storyboard
 from daemon.config import (
     Crf,
     LookConfig,
@@ -35,10 +35,10 @@ from daemon.config import (
     TransitionSeconds,
 )
 from daemon.jobs import JobError, describe_validation_error
+from daemon.storyboard import Scene
 from workers import fonts, gpu, models
 from workers.context import JobContext, JobResult
-from workers.pipelines import animatic, encode, footage, post, report, storyboard
-from workers.pipelines.storyboard import Scene
+from workers.pipelines import animatic, encode, footage, post, report
 
 VIDEO_FILE = "video.mp4"
 INPUTS: tuple[str, ...] = ()  # text only: the prompt, and the options

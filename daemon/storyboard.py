@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon import files
 from daemon.jobs import JobError
-from workers.fonts import CJK
+from daemon.text import CJK
 
 Camera = Literal["wide shot", "medium shot", "close up", "aerial view"]
 # Establish the place, move closer, show the detail, step back again.

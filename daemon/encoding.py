@@ -118,18 +118,19 @@ def probe(path: Path) -> MediaInfo:
 
 
 def fit_to_size(source: Path, dest: Path, max_bytes: int, scratch: Path, *,
-                cap_name: str = "max_mb") -> int:
+                limit_name: str | None = None) -> int:
     """Re-encode the video stream of ``source`` into ``dest`` (an MP4) so the file stays
     under ``max_bytes``; subtitles are copied, and so is the audio when it is AAC (other
     audio becomes AAC: the sound is never dropped). Two-pass x264 at the bit rate the
     budget leaves, lowered again if the muxed file still overshoots; the pass log goes
     into ``scratch``. Returns the video bit rate used (kbit/s); raises ``JobError`` when
-    the budget is hopeless, naming the limit as ``cap_name`` (the job option, unless the
-    caller says otherwise)."""
+    the budget is hopeless, naming the limit ``limit_name`` (by default the job option
+    that sets it, ``max_mb = …``)."""
     info = probe(source)
     # The sound is kept: copied when it is AAC already, else made AAC.
     copy_audio = all(stream.codec == "aac" for stream in info.of_kind("audio"))
     audio_args = ("-c:a", "copy") if copy_audio else ("-c:a", "aac", "-b:a", AUDIO_BITRATE)
+    # What the other streams take: subtitles as they are, the sound as it will be.
     others_kbps = sum(AUDIO_KBPS if stream.kind == "audio" and not copy_audio
                       else stream.kbps or 0
                       for stream in info.streams if stream.kind != "video")
@@ -137,12 +138,13 @@ def fit_to_size(source: Path, dest: Path, max_bytes: int, scratch: Path, *,
     budget_kbps = max_bytes * 8 / 1000 / info.duration_s * 0.98 - others_kbps
     for _ in range(FIT_ATTEMPTS):
         if budget_kbps < MIN_VIDEO_KBPS:
+            limit = limit_name or f"max_mb = {max_bytes / 1e6:g}"
+            need_mb = _megabytes_for(MIN_VIDEO_KBPS + others_kbps, info)
             raise JobError(
-                f"{cap_name} = {max_bytes / 1e6:g} is too small for a {info.duration_s:.0f} s "
-                f"video ({info.width}×{info.height}): it leaves {max(0, budget_kbps):.0f} "
-                f"kbit/s for the picture, and {MIN_VIDEO_KBPS} is the least that looks like "
-                f"anything; allow at least {_megabytes_for(MIN_VIDEO_KBPS + others_kbps, info):.1f}"
-                " MB, or ask for a shorter or smaller video"
+                f"{limit} is too small for a {info.duration_s:.0f} s video "
+                f"({info.width}×{info.height}): it leaves {max(0, budget_kbps):.0f} kbit/s for "
+                f"the picture, and {MIN_VIDEO_KBPS} is the least that looks like anything; "
+                f"allow at least {need_mb:.1f} MB, or ask for a shorter or smaller video"
             )
         kbps = int(budget_kbps)
         rate = ("-b:v", f"{kbps}k", "-passlogfile", str(scratch / "x264-pass"))

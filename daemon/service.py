@@ -23,7 +23,7 @@ from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
 
 if TYPE_CHECKING:
-    from intake.chat import ChatIntake
+    from intake.telegram import ChatIntake
 
 log = get_logger(component="daemon")
 REDIS_WATCH_S = 1.0  # how often the embedded Redis is looked at
@@ -55,7 +55,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     delivery = DeliveryLoop(config, queue)
     delivery.register(Channel.folder, folder_channel.deliver_async)
     if config.intake.chat.enabled:
-        from intake.chat import ChatIntake  # python-telegram-bot only when chat is on
+        from intake.telegram import ChatIntake  # python-telegram-bot only when chat is on
 
         chat = ChatIntake(config, queue)
         intakes.append(chat)

@@ -6,7 +6,7 @@ Keys (all under ``reelqueue:``):
 - ``job:<id>``          hash: status, stage, percent, message, error, times, kind, …
 - ``recent``            sorted set of job ids by creation time (for listings)
 - ``recent:by:<name>``  the same, per submitter (for a user's own listing and caps)
-- ``daily:<name>:<day>`` how many jobs a submitter queued that UTC day (daily caps)
+- ``active:<name>``, ``daily:<name>:<day>``  the caps' own keys: see daemon.caps
 - ``events``            pub/sub channel: one JSON message per state change
 - ``workers``           set of worker names ever seen (their heartbeats say which live)
 - ``paused``            present while workers are paused: who paused them, why, when
@@ -28,7 +28,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from arq import create_pool
@@ -39,7 +39,7 @@ from arq.jobs import JobStatus as ArqJobStatus
 from redis.exceptions import RedisError
 
 from daemon import caps, schedule
-from daemon.jobs import JobError, JobSpec, JobStatus
+from daemon.jobs import JobSpec, JobStatus
 from daemon.schedule import PREFIX, QUEUE_NAME
 
 RECENT_KEY = PREFIX + "recent"
@@ -72,10 +72,6 @@ def worker_key(name: str) -> str:
 
 def recent_key(submitted_by: str | None = None) -> str:
     return RECENT_KEY if submitted_by is None else f"{RECENT_KEY}:by:{submitted_by}"
-
-
-class QueueFull(JobError):
-    """The queue holds ``[queue] max_queued`` jobs already: backpressure, try later."""
 
 
 class RedisUnavailable(Exception):
@@ -276,16 +272,6 @@ class QueueClient:
                 active.append(state)
         return active
 
-    async def jobs_today(self, submitted_by: str) -> int:
-        return int(await self.redis.get(_daily_key(submitted_by)) or 0)
-
-    async def count_today(self, submitted_by: str) -> None:
-        key = _daily_key(submitted_by)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 2 * 86400)
-            await pipe.execute()
-
     async def list_jobs(
         self,
         limit: int = 20,
@@ -392,17 +378,6 @@ class QueueClient:
         while await self.redis.lmove(DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, "RIGHT", "LEFT"):
             moved += 1
         return moved
-
-
-def _daily_key(submitted_by: str) -> str:
-    return f"{PREFIX}daily:{submitted_by}:{datetime.now(UTC):%Y-%m-%d}"
-
-
-def seconds_to_utc_midnight(now: datetime | None = None) -> float:
-    """How long until daily caps reset."""
-    now = now or datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (midnight - now).total_seconds()
 
 
 def utc_from_ts(value: str | float | None) -> datetime | None:

@@ -24,7 +24,7 @@ from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
 from daemon.submit import Submitter
 
 if TYPE_CHECKING:
-    from intake.chat import ChatIntake
+    from intake.telegram.bot import ChatIntake
 
 log = get_logger(component="daemon")
 REDIS_WATCH_S = 1.0  # how often the embedded Redis is looked at
@@ -57,7 +57,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     delivery = DeliveryLoop(config, queue)
     delivery.register(Channel.folder, folder_channel.deliver_async)
     if config.intake.chat.enabled:
-        from intake.chat import ChatIntake  # python-telegram-bot only when chat is on
+        from intake.telegram.bot import ChatIntake  # python-telegram-bot only when chat is on
 
         chat = ChatIntake(config, submitter)
         intakes.append(chat)

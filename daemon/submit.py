@@ -102,16 +102,19 @@ class Accepted:
 class Refusal(StrEnum):
     invalid = "invalid"  # a field is wrong; the message names it
     blocked = "blocked"  # the content blocklist
-    cap = "cap"  # the submitter's queued or daily cap
+    queued_cap = "queued_cap"  # the submitter has that many queued or running already
+    daily_cap = "daily_cap"  # the submitter has used today's jobs
     queue_full = "queue_full"  # everybody's cap: try again later
 
 
 @dataclass(frozen=True)
 class Refused:
     why: Refusal
-    message: str  # for the sender, as is
+    message: str  # for the sender, as is (a channel may word a cap its own way)
     problems: list[dict[str, str]] = field(default_factory=list)
     retry_after_s: float | None = None
+    count: int = 0  # a cap's: how many the sender has
+    limit: int = 0  # and how many it may have
 
 
 class Submitter:
@@ -191,15 +194,16 @@ class Submitter:
         if place.verdict == "queue_full":
             return Refused(Refusal.queue_full, f"the queue is full ({place.count} jobs "
                            f"waiting, the limit is {self.max_waiting}); try again later",
-                           retry_after_s=60.0)
+                           retry_after_s=60.0, count=place.count, limit=self.max_waiting)
         if place.verdict == "queued":
-            return Refused(Refusal.cap, f"you have {place.count} jobs queued or running, "
-                           f"the most allowed ({limits.max_queued}); send more when one has "
-                           "finished", retry_after_s=60.0)
+            return Refused(Refusal.queued_cap, f"you have {place.count} jobs queued or "
+                           f"running, the most allowed ({limits.max_queued}); send more when "
+                           "one has finished", retry_after_s=60.0, count=place.count,
+                           limit=limits.max_queued)
         wait = caps.seconds_to_utc_midnight()
-        return Refused(Refusal.cap, f"you have used your {limits.max_per_day} jobs for today; "
-                       f"the cap resets at midnight UTC, in {wait / 3600:.1f} h",
-                       retry_after_s=wait)
+        return Refused(Refusal.daily_cap, f"you have used your {limits.max_per_day} jobs for "
+                       f"today; the cap resets at midnight UTC, in {wait / 3600:.1f} h",
+                       retry_after_s=wait, count=place.count, limit=limits.max_per_day)
 
 
 def _strings(value: Any) -> Iterator[str]:

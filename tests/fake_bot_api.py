@@ -52,6 +52,7 @@ class Call:
     status: int
     at: float = field(default_factory=time.monotonic)
     result: Any = None
+    uploaded: dict[str, bytes] = field(default_factory=dict)  # form field → the file's bytes
 
 
 @dataclass
@@ -253,7 +254,8 @@ class FakeBotApi:
             return self._answer(Call(method, {}, {}, 401), _error(401, "Unauthorized"))
         params, uploads = await _read_params(request)
         call = Call(method, params, {name: (f.filename, len(data))
-                                     for name, (f, data) in uploads.items()}, 200)
+                                     for name, (f, data) in uploads.items()}, 200,
+                    uploaded={name: data for name, (_, data) in uploads.items()})
         with self._lock:
             fault = self._faults.get(method)
             if fault is not None:

@@ -12,15 +12,18 @@ import asyncio
 import json
 import logging
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import imageio_ffmpeg
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from daemon import encoding
 from daemon.config import load_config
 from daemon.delivery import DeliveryLoop
 from daemon.jobs import (
@@ -35,11 +38,14 @@ from daemon.jobs import (
 )
 from daemon.queue import QueueClient, worker_key
 from daemon.redis_server import EmbeddedRedis
-from intake import chat as chat_module
-from intake.chat import ChatIntake, ChatUnavailable, parse_command
 from intake.http import HttpApi
-from tests.conftest import wait_for, write_config
+from intake.telegram import delivery as chat_delivery
+from intake.telegram.bot import ChatIntake, parse_command
+from intake.telegram.delivery import ChatUnavailable
+from intake.telegram.progress import LIVE_KEY, job_key
+from tests.conftest import submitter_for, wait_for, write_config
 from tests.fake_bot_api import BOT_USERNAME, TOKEN, FakeBotApi
+from workers.pipelines import encode
 from workers.runner import run_job_sync
 
 pytestmark = [
@@ -79,7 +85,7 @@ async def make_chat(tmp_path, redis_url, bot_api) -> AsyncIterator[Callable[...,
         config = load_config(write_config(tmp_path, redis_url, video=SMALL_VIDEO, **{
             "intake.chat": chat_section(bot_api, **overrides)}))
         queue = await QueueClient.open(config.redis.url)
-        chat = ChatIntake(config, queue)
+        chat = ChatIntake(config, submitter_for(config, queue))
         started.append((chat, queue))
         await chat.start()
         await asyncio.wait_for(chat.ready.wait(), 10)
@@ -101,6 +107,22 @@ def rendered(tmp_path_factory) -> Path:
     write_spec(config.jobs_dir, spec)
     assert run_job_sync(spec, config).status == JobStatus.done
     return config.jobs_dir / spec.id
+
+
+@pytest.fixture(scope="module")
+def loud(rendered, tmp_path_factory) -> Path:
+    """The rendered job with a video worth shrinking: 320×240 of fine detail (about
+    400 kB) and a 440 Hz tone as its AAC sound track."""
+    directory = tmp_path_factory.mktemp("loud") / "template"
+    shutil.copytree(rendered, directory)
+    lavfi = ("-f", "lavfi", "-i")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error",
+                    *lavfi, "testsrc2=size=320x240:rate=8:duration=6",
+                    *lavfi, "sine=frequency=440:duration=6:sample_rate=48000",
+                    "-c:v", "libx264", "-preset", "veryfast", "-crf", "4", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-y",
+                    str(directory / "video.mp4")], check=True)
+    return directory
 
 
 async def finish_like_a_worker(chat: ChatIntake, job_id: str, rendered: Path) -> None:
@@ -230,7 +252,7 @@ async def test_a_request_is_queued_and_answered_with_its_position(make_chat, bot
         Channel.chat, ALICE, request["message_id"])
     reply = bot_api.sent("sendMessage", chat_id=ALICE)[-1]
     assert reply.params["reply_parameters"]["message_id"] == request["message_id"]
-    stored = await eventually(lambda: chat.redis.hget(chat_module.job_key(job_id),
+    stored = await eventually(lambda: chat.redis.hget(job_key(job_id),
                                                       "progress_message_id"))
     assert int(stored) == progress_id
 
@@ -250,7 +272,7 @@ async def test_with_redis_down_the_user_is_told_and_nothing_is_left_behind(tmp_p
     config = load_config(write_config(tmp_path, server.url, video=SMALL_VIDEO, **{
         "intake.chat": chat_section(bot_api)}))
     queue = await QueueClient.open(config.redis.url)
-    chat = ChatIntake(config, queue)
+    chat = ChatIntake(config, submitter_for(config, queue))
     try:
         await chat.start()
         await asyncio.wait_for(chat.ready.wait(), 10)
@@ -308,7 +330,7 @@ async def test_caps_say_when_they_reset(make_chat, bot_api):
     answer = await answer_to(bot_api, ALICE, "/video fox four")
     assert "all 3 jobs for today" in answer and "resets at 00:00 UTC, in " in answer
     answer = await answer_to(bot_api, BOB, "/video " + "x" * 41)
-    assert "41 characters long; the limit here is 40" in answer
+    assert "41 characters long; the limit is 40" in answer
     assert len(job_ids(chat)) == 3
 
 
@@ -473,7 +495,7 @@ async def test_the_progress_message_turns_into_the_video_and_nothing_comes_twice
     assert "is done: see above" in report.params["caption"]
     steps = json.loads((job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").read_text())
     assert set(steps) == {"video", "notice"} and steps["video"]["edited"] is True
-    assert await chat.redis.sismember(chat_module.LIVE_KEY, job_id) == 0
+    assert await chat.redis.sismember(LIVE_KEY, job_id) == 0
 
 
 async def test_a_crash_after_telegram_took_the_video_leaves_one_video(make_chat, bot_api,
@@ -487,8 +509,8 @@ async def test_a_crash_after_telegram_took_the_video_leaves_one_video(make_chat,
     # As if the daemon had died before recording the video step, and Redis forgot the
     # job too: the progress message's id is also in the job directory.
     (job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").unlink()
-    await chat.redis.delete(chat_module.job_key(job_id))
-    chat._live.clear()
+    await chat.redis.delete(job_key(job_id))
+    chat.progress._live.clear()
     await deliver(chat, job_id)
     assert len(bot_api.sent("editMessageMedia", message_id=progress_id)) == 2
     assert [v["message_id"] for v in bot_api.videos(ALICE)] == [progress_id]
@@ -561,15 +583,15 @@ async def test_an_outage_delays_the_video_but_it_arrives_once(make_chat, bot_api
     assert len(bot_api.sent("sendDocument")) == 1
 
 
-async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_api, rendered):
-    chat = await make_chat(max_upload_mb=0.008)  # 8 kB; the rendered video is larger
-    limit = int(0.008 * 1024 * 1024)
-    original = (rendered / "video.mp4").stat().st_size
+async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_api, loud):
+    chat = await make_chat(max_upload_mb=0.3)
+    limit = int(0.3 * 1024 * 1024)
+    original = (loud / "video.mp4").stat().st_size
     assert original > limit
     # …and the server turns away even less than the config says it takes.
-    bot_api.max_upload_bytes = limit - 1024
+    bot_api.max_upload_bytes = limit - 64 * 1024
     _, job_id, _ = await ask_for_video(bot_api)
-    await finish_like_a_worker(chat, job_id, rendered)
+    await finish_like_a_worker(chat, job_id, loud)
     await deliver(chat, job_id)
     [refused] = [c for c in bot_api.attempts("editMessageMedia") if c.status == 413]
     [video] = bot_api.sent("editMessageMedia")
@@ -577,10 +599,37 @@ async def test_a_video_over_the_upload_limit_is_reencoded_to_fit(make_chat, bot_
     assert size <= bot_api.max_upload_bytes < upload(refused)[1]
     caption = video.params["media"]["caption"]
     assert "Re-encoded to" in caption and "upload limit" in caption
-    small = job_dir(chat.config.jobs_dir, job_id) / chat_module.SMALL_VIDEO
+    small = job_dir(chat.config.jobs_dir, job_id) / chat_delivery.SMALL_VIDEO
     assert small.stat().st_size == size
     frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(small))
     assert abs(seconds - 6) < 0.3 and frames >= 40
+
+
+async def test_a_reencoded_video_keeps_its_sound(make_chat, bot_api, loud, tmp_path):
+    chat = await make_chat(max_upload_mb=0.3)
+    _, job_id, _ = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, loud)
+    await deliver(chat, job_id)
+    [video] = bot_api.sent("editMessageMedia")
+    assert "Re-encoded to" in video.params["media"]["caption"]
+    # What Telegram got, not what the daemon kept: an AAC track, and the tone plays.
+    [received] = video.uploaded.values()
+    assert len(received) <= int(0.3 * 1024 * 1024) < (loud / "video.mp4").stat().st_size
+    copy = tmp_path / "received.mp4"
+    copy.write_bytes(received)
+    assert [s.codec for s in encoding.probe(copy).of_kind("audio")] == ["aac"]
+    assert np.sqrt(np.mean(encode.audio_samples(copy) ** 2)) > 0.05  # lavfi sine: 1/8 peak
+
+
+async def test_a_video_that_cannot_be_made_to_fit_says_why(make_chat, bot_api, rendered):
+    chat = await make_chat(max_upload_mb=0.008)  # 8 kB for 6 s: no picture left
+    _, job_id, progress_id = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    await deliver(chat, job_id)
+    assert bot_api.videos(ALICE) == [] and bot_api.sent("editMessageMedia") == []
+    text = bot_api.message(ALICE, progress_id)["text"]
+    assert "could not be made to fit" in text
+    assert "the upload limit is too small for a 6 s video" in text
 
 
 async def test_with_a_public_url_a_large_video_comes_as_a_working_link(make_chat, bot_api,
@@ -593,7 +642,8 @@ async def test_with_a_public_url_a_large_video_comes_as_a_working_link(make_chat
     text = bot_api.message(ALICE, progress_id)["text"]  # the progress message says it
     assert "link instead" in text
     url = text.split("https://reel.example")[1].split()[0].replace("&amp;", "&")
-    async with TestClient(TestServer(HttpApi(chat.config, chat.queue).app())) as http:
+    api = HttpApi(chat.config, submitter_for(chat.config, chat.queue))
+    async with TestClient(TestServer(api.app())) as http:
         response = await http.get(url)
         assert response.status == 200
         assert await response.read() == (rendered / "video.mp4").read_bytes()
@@ -617,7 +667,7 @@ async def test_the_token_is_taken_out_of_library_log_records(tmp_path, redis_url
     config = load_config(write_config(tmp_path, redis_url, **{"intake.chat": (
         f'enabled = true\ntoken = "{TOKEN}"')}))
     queue = await QueueClient.open(config.redis.url)
-    chat = ChatIntake(config, queue)
+    chat = ChatIntake(config, submitter_for(config, queue))
     chat._install_log_filter()
     try:
         with caplog.at_level(logging.WARNING):

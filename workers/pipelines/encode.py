@@ -4,17 +4,18 @@
   encodes it once more), kept in the job directory for reuse;
 - ``video_writer``: the finished MP4 in one pass: frames, the soundtrack (AAC, copied)
   and the subtitle track (mov_text), H.264 High, yuv420p, ``+faststart``;
-- ``fit_to_size``: a two-pass re-encode of the video stream to a byte budget;
-- ``probe`` and ``verify``: streams, duration and frame count, checked before a file
-  lands under its final name. imageio-ffmpeg has no ffprobe, so ``probe`` reads what
-  ``ffmpeg -i`` prints and ``verify`` counts frames and samples by decoding.
+- ``verify``: streams, duration and frame count, checked before a file lands under its
+  final name; it counts frames and samples by decoding.
+
+``probe`` and ``fit_to_size`` (a two-pass re-encode of the video stream to a byte budget,
+for ``max_mb``) live in ``daemon.encoding``, which the chat's deliveries share; they are
+re-exported here with the rest of what the pipelines use from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -23,12 +24,22 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from daemon.jobs import JobError
+from daemon.encoding import (
+    AUDIO_BITRATE,
+    X264_ARGS,
+    FFmpegError,
+    MediaInfo,
+    ffmpeg_command,
+    fit_to_size,
+    probe,
+    run_ffmpeg,
+    stderr_tail,
+)
 
-# veryfast: animatics are gradients and text, where slower presets buy little; on two
-# cores a 25 s job took 4.4 s with it and 8.2 s with medium.
-X264_ARGS = ("-c:v", "libx264", "-preset", "veryfast", "-profile:v", "high",
-             "-pix_fmt", "yuv420p")
+__all__ = ["AUDIO_BITRATE", "AUDIO_RATE", "CLIP_CRF", "ENCODER_ID", "X264_ARGS", "FFmpegError",
+           "MediaInfo", "VideoFormat", "audio_samples", "clip_writer", "fit_to_size", "probe",
+           "run_ffmpeg", "verify", "video_writer"]
+
 # Scene clips are intermediates that post-production decodes and encodes once more:
 # high quality keeps that second generation clean.
 CLIP_CRF = 16
@@ -36,14 +47,6 @@ CLIP_CRF = 16
 # changing it here re-renders old clips instead of reusing mismatched ones.
 ENCODER_ID = " ".join(X264_ARGS) + f" -crf {CLIP_CRF}"
 AUDIO_RATE = 48_000
-AUDIO_BITRATE = "128k"
-MIN_VIDEO_KBPS = 100  # below this, a size cap gives mush; better to say so
-FIT_ATTEMPTS = 3
-STDERR_LINES = 12  # how much of ffmpeg's complaint an error message carries
-
-
-class FFmpegError(RuntimeError):
-    """ffmpeg failed or produced something other than what was asked for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,47 +56,6 @@ class VideoFormat:
     width: int
     height: int
     fps: float  # a film's whole rate, or a source clip's own (29.97) when upscaling
-
-
-@dataclasses.dataclass(frozen=True)
-class Stream:
-    index: int
-    kind: str  # "video", "audio" or "subtitle"
-    codec: str  # "h264", "aac", "mov_text", …
-    details: str  # the rest of ffmpeg's line: profile, pixel format, size, rate…
-    kbps: int | None  # the stream's bit rate, when ffmpeg knows it
-
-
-@dataclasses.dataclass(frozen=True)
-class MediaInfo:
-    frames: int
-    duration_s: float
-    audio_s: float | None  # the decoded audio's length, when there is audio
-    width: int
-    height: int
-    fps: float
-    size_bytes: int
-    streams: tuple[Stream, ...]
-
-    def of_kind(self, kind: str) -> list[Stream]:
-        return [stream for stream in self.streams if stream.kind == kind]
-
-
-def _ffmpeg(*args: str) -> list[str]:
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-            *args]
-
-
-def run_ffmpeg(what: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(_ffmpeg(*args), capture_output=True, check=False)
-    if result.returncode != 0:
-        raise FFmpegError(f"ffmpeg could not {what}:\n{_tail(result.stderr)}")
-    return result
-
-
-def _tail(stderr: bytes) -> str:
-    lines = [line for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-    return "\n".join(lines[-STDERR_LINES:]) or "(ffmpeg printed nothing)"
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -132,16 +94,17 @@ def _frame_pipe(path: Path, fmt: VideoFormat, inputs: Sequence[str],
     # stderr goes to a file: a pipe nobody reads could fill up and stall ffmpeg.
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            _ffmpeg("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{fmt.width}x{fmt.height}",
-                    "-framerate", str(fmt.fps), "-i", "pipe:0", *inputs, *output_args,
-                    "-fps_mode", "cfr", "-f", "mp4", "-y", str(path)),
+            ffmpeg_command("-f", "rawvideo", "-pix_fmt", "rgb24",
+                           "-s", f"{fmt.width}x{fmt.height}", "-framerate", str(fmt.fps),
+                           "-i", "pipe:0", *inputs, *output_args, "-fps_mode", "cfr",
+                           "-f", "mp4", "-y", str(path)),
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
         )
         assert process.stdin is not None
 
         def failure(what: str) -> FFmpegError:
             stderr.seek(0)
-            return FFmpegError(f"ffmpeg {what} {path.name}:\n{_tail(stderr.read())}")
+            return FFmpegError(f"ffmpeg {what} {path.name}:\n{stderr_tail(stderr.read())}")
 
         def write(frame: np.ndarray) -> None:
             if frame.shape != expected or frame.dtype != np.uint8:
@@ -164,81 +127,7 @@ def _frame_pipe(path: Path, fmt: VideoFormat, inputs: Sequence[str],
             raise failure("could not encode")
 
 
-def fit_to_size(source: Path, dest: Path, max_bytes: int, scratch: Path) -> int:
-    """Re-encode the video stream of ``source`` into ``dest`` so the file stays under
-    ``max_bytes``; audio and subtitles are copied. Two-pass x264 at the bit rate the
-    budget leaves, lowered again if the muxed file still overshoots. Returns the video
-    bit rate used (kbit/s); raises ``JobError`` when the budget is hopeless."""
-    info = probe(source)
-    others_kbps = sum(s.kbps or 0 for s in info.streams if s.kind != "video")
-    # 2 % for the container's own bytes (index, headers), which grow with the length.
-    budget_kbps = max_bytes * 8 / 1000 / info.duration_s * 0.98 - others_kbps
-    for _ in range(FIT_ATTEMPTS):
-        if budget_kbps < MIN_VIDEO_KBPS:
-            raise JobError(
-                f"max_mb = {max_bytes / 1e6:g} is too small for a {info.duration_s:.0f} s video "
-                f"({info.width}×{info.height}): it leaves {max(0, budget_kbps):.0f} kbit/s for "
-                f"the picture, and {MIN_VIDEO_KBPS} is the least that looks like anything; "
-                f"allow at least {_megabytes_for(MIN_VIDEO_KBPS + others_kbps, info):.1f} MB, "
-                "or ask for a shorter or smaller video"
-            )
-        kbps = int(budget_kbps)
-        rate = ("-b:v", f"{kbps}k", "-passlogfile", str(scratch / "x264-pass"))
-        run_ffmpeg("analyse the video for the size cap", "-i", str(source), "-map", "0:v",
-                   *X264_ARGS, *rate, "-pass", "1", "-an", "-f", "null", "-")
-        run_ffmpeg("re-encode the video to fit the size cap", "-i", str(source), "-map", "0",
-                   *X264_ARGS, *rate, "-pass", "2", "-c:a", "copy", "-c:s", "copy",
-                   "-movflags", "+faststart", "-f", "mp4", "-y", str(dest))
-        size = dest.stat().st_size
-        if size <= max_bytes:
-            return kbps
-        budget_kbps = kbps * max_bytes / size * 0.97
-    raise FFmpegError(f"the video did not fit in {max_bytes / 1e6:g} MB after "
-                      f"{FIT_ATTEMPTS} tries")
-
-
-def _megabytes_for(kbps: float, info: MediaInfo) -> float:
-    return kbps * 1000 / 8 * info.duration_s / 0.98 / 1e6
-
-
 # --- checking --------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_STREAM = re.compile(r"Stream #0:(\d+)\S*: (Video|Audio|Subtitle): (\w+)(.*)")
-_SIZE = re.compile(r", (\d{2,5})x(\d{2,5})")
-_FPS = re.compile(r", ([\d.]+) fps")
-_KBPS = re.compile(r"(\d+) kb/s")
-
-
-def probe(path: Path) -> MediaInfo:
-    """Streams, size, rate and container duration as ``ffmpeg -i`` reports them (no
-    decoding: ``frames`` and ``audio_s`` are left unknown, 0 and None)."""
-    # Without an output file ffmpeg exits 1 after printing the input's description.
-    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin",
-                             "-i", str(path)], capture_output=True, check=False)
-    text = result.stderr.decode("utf-8", "replace")
-    duration = _DURATION.search(text)
-    if duration is None:
-        raise FFmpegError(f"ffmpeg cannot read {path.name}:\n{_tail(result.stderr)}")
-    hours, minutes, seconds = duration.groups()
-    streams = tuple(
-        Stream(int(index), kind.lower(), codec, details.strip(),
-               int(kbps.group(1)) if (kbps := _KBPS.search(details)) else None)
-        for index, kind, codec, details in _STREAM.findall(text)
-    )
-    video = next((s for s in streams if s.kind == "video"), None)
-    size = _SIZE.search(video.details) if video else None
-    fps = _FPS.search(video.details) if video else None
-    return MediaInfo(
-        frames=0,
-        duration_s=int(hours) * 3600 + int(minutes) * 60 + float(seconds),
-        audio_s=None,
-        width=int(size.group(1)) if size else 0,
-        height=int(size.group(2)) if size else 0,
-        fps=float(fps.group(1)) if fps else 0.0,
-        size_bytes=path.stat().st_size,
-        streams=streams,
-    )
 
 
 def audio_samples(path: Path, rate: int = 8000) -> np.ndarray:

@@ -113,11 +113,6 @@ def not_queued(reason: str) -> str:
     return f"⚠️ Not queued: {_e(reason)}"
 
 
-def prompt_too_long(length: int, limit: int) -> str:
-    return f"the prompt is {length:,} characters long; the limit here is {limit:,}. " \
-        "Shorten it and send it again."
-
-
 def attachment_too_large(size_bytes: int, limit_bytes: int) -> str:
     return f"the file is {size(size_bytes)}; this bot takes files up to {size(limit_bytes)}."
 

@@ -183,13 +183,17 @@ class QueueConfig(_Section):
     # New jobs are refused ("queue full") beyond this many waiting; 0: no cap. The drop
     # folder keeps such files in the inbox and tries again later.
     max_queued: int = Field(default=10_000, ge=0)
+    # Each submitter's caps where its channel sets none (0): queued or running at once,
+    # and per UTC day; 0: no cap.
+    max_queued_per_submitter: int = Field(default=0, ge=0)
+    max_jobs_per_day_per_submitter: int = Field(default=0, ge=0)
     # Jobs are held (not started) while the state or output folder has less free space.
     min_free_gb: float = Field(default=2.0, ge=0)
     # Interactive jobs run before batch jobs unless the batch job was queued more than
     # this much earlier: the age bonus that keeps a busy chat from starving a folder.
     interactive_lead: Duration = 3600.0
-    # Regular expressions (case-insensitive); a prompt or storyboard text matching one
-    # fails its job with that reason.
+    # Regular expressions (case-insensitive): a request matching one is refused at
+    # submission; a storyboard text matching one fails its job with that reason.
     blocklist: list[str] = Field(default_factory=list)
 
     @field_validator("blocklist")

@@ -67,7 +67,7 @@ class Upload:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one submitter may do; 0: no cap."""
+    """What one submitter may do; a cap of 0 takes [queue]'s per-submitter one."""
 
     max_queued: int = 0
     max_per_day: int = 0
@@ -119,18 +119,22 @@ class Refused:
 
 class Submitter:
     def __init__(self, queue: QueueClient, kinds: KindRegistry, jobs_dir: Path,
-                 blocklist: list[str] | None = None, max_waiting: int = 0):
+                 blocklist: list[str] | None = None, max_waiting: int = 0,
+                 default_limits: Limits | None = None):
         self.queue = queue
         self.kinds = kinds
         self.jobs_dir = jobs_dir
         self.blocklist = blocklist or []
         self.max_waiting = max_waiting  # [queue] max_queued; 0: no cap
+        self.default_limits = default_limits or Limits()
 
     @classmethod
     def from_config(cls, config: Config, queue: QueueClient, kinds: KindRegistry
                     ) -> Submitter:
         return cls(queue, kinds, config.jobs_dir, blocklist=config.queue.blocklist,
-                   max_waiting=config.queue.max_queued)
+                   max_waiting=config.queue.max_queued,
+                   default_limits=Limits(config.queue.max_queued_per_submitter,
+                                         config.queue.max_jobs_per_day_per_submitter))
 
     async def submit(self, request: Request) -> Accepted | Refused:
         names = [upload.name for upload in request.inputs]
@@ -151,7 +155,8 @@ class Submitter:
             queued = await self.queue.enqueue(existing)
             return Accepted(existing, queued.position, duplicate=not queued.accepted)
 
-        limits = request.limits
+        limits = Limits(request.limits.max_queued or self.default_limits.max_queued,
+                        request.limits.max_per_day or self.default_limits.max_per_day)
         place = await caps.reserve(self.queue.redis, job_id, request.submitted_by,
                                    limits.max_queued, limits.max_per_day, self.max_waiting)
         if not place.ok:

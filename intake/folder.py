@@ -61,6 +61,8 @@ CLOSED_SETTLE_S = 0.05
 UNCLOSED_GRACE = 5  # a written file never seen closed is taken after settle × this
 RESCAN_S = 30.0  # a safety net for missed events (inotify queue overflow, odd shares)
 RESTAT_S = 0.25  # how often a file that is still settling is looked at again
+# A full queue or a submitter's cap delays a dropped file; it never fails it.
+WAIT_IN_INBOX = (Refusal.queue_full, Refusal.queued_cap, Refusal.daily_cap)
 RETRY_S = 2.0  # a file that could not be queued (Redis away) is offered again after this
 
 log = get_logger(component="folder")
@@ -259,10 +261,10 @@ class FolderIntake:
             return None
         answer = await self.submitter.submit(request)
         if isinstance(answer, Refused):
-            if answer.why == Refusal.queue_full:
+            if answer.why in WAIT_IN_INBOX:
                 # Backpressure: the file waits in the inbox; the next scan offers it again.
                 self.taken.pop(path, None)
-                log.warning("queue full; the file waits in the inbox", file=path.name,
+                log.warning("not queued yet; the file waits in the inbox", file=path.name,
                             reason=answer.message)
             else:
                 await asyncio.to_thread(reject, path, answer.message)

@@ -1,0 +1,226 @@
+"""One submission path: the same requests through the drop folder, HTTP, chat (fake Bot
+API) and the CLI get the same outcome, each answered in the sender's own channel; caps
+hold under parallel requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from daemon import cli
+from daemon.config import Config, load_config
+from daemon.queue import QueueClient
+from intake.folder import FolderIntake
+from intake.http import HttpApi
+from intake.telegram.asks import Ask
+from intake.telegram.bot import ChatIntake
+from tests.conftest import submitter_for, write_config
+from tests.fake_bot_api import FakeBotApi
+from tests.test_chat import ALICE, chat_section
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")]
+
+TOKEN = {"Authorization": "Bearer t"}
+
+
+@dataclass
+class Answer:
+    queued: bool
+    reply: str  # what the sender saw, in that channel's own form
+    job_id: str | None = None
+
+
+Sender = Callable[[str, dict], Awaitable[Answer]]
+
+
+@dataclass
+class Channel:
+    name: str
+    config: Config
+    queue: QueueClient
+    send: Sender
+
+
+def tables(channel: str, api: FakeBotApi) -> dict[str, str]:
+    """One submitter may have one job queued; everybody together two; no fox."""
+    queue = ('max_queued = 2\nmax_queued_per_submitter = 1\n'
+             'blocklist = ["\\\\bfox(es)?\\\\b"]')
+    extra = {"http": {"intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\n'
+                                     'token = "t"'},
+             "chat": {"intake.chat": chat_section(api, max_queued_per_user=0)}}
+    return {"queue": queue, **extra.get(channel, {})}
+
+
+@contextlib.asynccontextmanager
+async def channel(name: str, tmp_path: Path, redis_url: str, api: FakeBotApi
+                  ) -> AsyncIterator[Channel]:
+    config = load_config(write_config(tmp_path, redis_url, **tables(name, api)))
+    queue = await QueueClient.open(config.redis.url)
+    submitter = submitter_for(config, queue)
+    try:
+        if name == "folder":
+            yield Channel(name, config, queue, folder_sender(config, submitter))
+        elif name == "http":
+            async with TestClient(TestServer(HttpApi(config, submitter).app())) as client:
+                yield Channel(name, config, queue, http_sender(client))
+        elif name == "chat":
+            chat = ChatIntake(config, submitter)
+            await chat.start()
+            await asyncio.wait_for(chat.ready.wait(), 10)
+            try:
+                yield Channel(name, config, queue, chat_sender(chat, api))
+            finally:
+                await chat.stop()
+        else:
+            yield Channel(name, config, queue, cli_sender(config))
+    finally:
+        await queue.close()
+
+
+def folder_sender(config: Config, submitter) -> Sender:
+    intake = FolderIntake(config.intake.folder[0], config, submitter)
+    inbox = config.intake.folder[0].path
+    (inbox / "failed").mkdir(parents=True, exist_ok=True)
+
+    async def send(prompt: str, options: dict) -> Answer:
+        # The same prompt and options are the same file: a duplicate drop.
+        name = f"req-{abs(hash((prompt, json.dumps(options, sort_keys=True)))) % 10**8}.json"
+        (inbox / name).write_text(json.dumps({"prompt": prompt, **options}))
+        job_id = await intake.take(inbox / name)
+        error = inbox / "failed" / name.replace(".json", ".error.txt")
+        if job_id is not None:
+            return Answer(True, "queued", job_id)
+        if error.exists():
+            return Answer(False, error.read_text())
+        assert (inbox / name).exists()  # not refused: waiting in the inbox for room
+        return Answer(False, "waits in the inbox")
+
+    return send
+
+
+def http_sender(client: TestClient) -> Sender:
+    async def send(prompt: str, options: dict) -> Answer:
+        # The same prompt and options carry the same Idempotency-Key: a retried POST.
+        key = json.dumps([prompt, options], sort_keys=True)
+        response = await client.post("/jobs", json={"prompt": prompt, "options": options},
+                                     headers={**TOKEN, "Idempotency-Key": key})
+        body = await response.json()
+        if response.status == 202:
+            return Answer(True, str(response.status), body["id"])
+        return Answer(False, f"{response.status} {body['error']['message']}")
+
+    return send
+
+
+def chat_sender(chat: ChatIntake, api: FakeBotApi) -> Sender:
+    message_ids: dict[str, int] = {}
+
+    async def send(prompt: str, options: dict) -> Answer:
+        # The same request is the same chat message: an update fetched again.
+        key = json.dumps([prompt, options], sort_keys=True)
+        message_id = message_ids.setdefault(key, 9000 + len(message_ids))
+        before = len(api.sent("sendMessage", chat_id=ALICE))
+        await chat.submissions.submit(Ask(ALICE, ALICE, message_id), "video", prompt,
+                                      options=options)
+        text = (await api.until("sendMessage", before + 1, chat_id=ALICE))[-1].params["text"]
+        if "is queued" in text:
+            return Answer(True, text, text.split("<code>")[1].split("</code>")[0])
+        return Answer(False, text)
+
+    return send
+
+
+def cli_sender(config: Config) -> Sender:
+    async def send(prompt: str, options: dict) -> Answer:
+        key = json.dumps([prompt, options], sort_keys=True)
+        argv = ["--config", str(config.source_path), "submit", prompt, "--key", key]
+        for name, value in options.items():
+            argv += ["-o", f"{name}={json.dumps(value)}"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = await asyncio.to_thread(cli.main, argv)
+        if status == 0:
+            return Answer(True, out.getvalue(), out.getvalue().split("job ")[1].split()[0])
+        return Answer(False, err.getvalue())
+
+    return send
+
+
+def job_folders(config: Config) -> list[str]:
+    jobs = config.jobs_dir
+    return sorted(p.name for p in jobs.iterdir()) if jobs.exists() else []
+
+
+@pytest.mark.parametrize("name", ["folder", "http", "chat", "cli"])
+async def test_every_channel_gets_the_same_answers(name, tmp_path, redis_url):
+    with FakeBotApi() as api:
+        async with channel(name, tmp_path, redis_url, api) as ch:
+            # Refused for a bad option, naming it; nothing written.
+            bad = await ch.send("a quiet owl", {"fps": 0})
+            assert not bad.queued and "fps" in bad.reply
+            # Refused by the content rule at once, not queued to fail later.
+            blocked = await ch.send("two foxes fight", {})
+            assert not blocked.queued and "content rule" in blocked.reply
+            assert job_folders(ch.config) == [] and await ch.queue.queue_length() == 0
+
+            first = await ch.send("a quiet owl", {"duration": 6})
+            assert first.queued
+            # The same request again collapses into the first job.
+            again = await ch.send("a quiet owl", {"duration": 6})
+            assert job_folders(ch.config) == [first.job_id]
+            assert await ch.queue.queue_length() == 1
+            assert again.job_id in (first.job_id, None)
+
+            # This submitter's cap (one queued): refused, or waiting in the folder.
+            capped = await ch.send("a quiet heron", {})
+            assert not capped.queued
+            assert ("1 jobs queued" in capped.reply or "1 jobs queued or running" in
+                    capped.reply or "already have 1 jobs" in capped.reply
+                    or capped.reply == "waits in the inbox")
+            assert job_folders(ch.config) == [first.job_id]
+
+            # Everybody's cap (two waiting): someone else's job fills the queue.
+            await ch.queue.redis.zadd("arq:queue", {"someone-else": 1})
+            await ch.queue.redis.delete(f"reelqueue:active:{submitter_of(name, ch)}")
+            full = await ch.send("a quiet crane", {})
+            assert not full.queued
+            assert "queue is full" in full.reply or full.reply == "waits in the inbox"
+            assert job_folders(ch.config) == [first.job_id]  # nothing left on disk
+
+
+def submitter_of(name: str, ch: Channel) -> str:
+    """Who the channel says sent the requests (the caps' key)."""
+    if name == "http":
+        return "lab"
+    if name == "chat":
+        return f"tg:{ALICE}"
+    return cli._user()
+
+
+async def test_parallel_posts_cannot_pass_a_cap_together(tmp_path, redis_url):
+    config = load_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"\n'
+                       "max_queued = 3"}))
+    queue = await QueueClient.open(config.redis.url)
+    await queue.pause(by="test")  # no worker would start one anyway: nothing frees a place
+    api = HttpApi(config, submitter_for(config, queue))
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            responses = await asyncio.gather(*(
+                client.post("/jobs", json={"prompt": f"owl {n}"}, headers=TOKEN)
+                for n in range(20)))
+            statuses = sorted(response.status for response in responses)
+        assert statuses == [202] * 3 + [429] * 17
+        assert await queue.queue_length() == 3
+        assert len(job_folders(config)) == 3
+    finally:
+        await queue.close()

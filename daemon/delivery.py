@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from redis.exceptions import RedisError
 
 from daemon import metrics
+from daemon.channels import Deliverer
 from daemon.config import Config
-from daemon.jobs import Channel, JobOutcome, JobSpec, JobStatus, job_dir, read_spec
+from daemon.jobs import Channel, JobOutcome, JobStatus, job_dir, read_spec
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 
-# How a channel answers a finished job. It must be idempotent: after a crash the same
-# job may be handed to it again, and it must not answer twice.
-Deliverer = Callable[[JobSpec, JobOutcome, Path], Awaitable[None]]
 MAX_BACKOFF_S = 300.0
 
 log = get_logger(component="delivery")

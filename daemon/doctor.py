@@ -29,14 +29,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
 
 import redis
 
 from daemon.config import Config, ConfigError, load_config
+from daemon.findings import Finding, Level
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+from intake.channels import CHANNEL_TYPES
 
 GB = 1024**3
 # Chinese, Japanese kana and Korean: captions in all three must render.
@@ -50,21 +51,6 @@ IMPORT_NAMES = {
     "pillow": "PIL",
     "python-telegram-bot": "telegram",
 }
-
-
-class Level(StrEnum):
-    OK = "ok"
-    INFO = "info"
-    WARN = "warn"
-    ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    area: str  # config, python, ffmpeg, redis, gpu, models, folders, disk, fonts
-    what: str
-    fix: str = ""  # one sentence; empty when there is nothing to do
 
 
 @dataclass(frozen=True)
@@ -127,62 +113,13 @@ def check_config(config: Config) -> list[Finding]:
                             "set REELQUEUE_CONFIG or pass --config to use your own")]
     else:
         findings = [Finding(Level.OK, "config", f"{config.source_path} is valid")]
-    if config.intake.http.enabled:
-        findings += _http_token_findings(config)
-    if config.intake.chat.enabled:
-        findings += _chat_findings(config)
+    # Each channel the configuration turns on checks its own settings.
+    for channel in CHANNEL_TYPES:
+        if channel.enabled(config):
+            findings += channel.checks(config)
     return findings
 
 
-def _where_secret_comes_from(value: str) -> str:
-    if value.startswith("env:"):
-        return f"the environment variable {value.removeprefix('env:')} is unset or empty"
-    return "its value is empty"
-
-
-def _http_token_findings(config: Config) -> list[Finding]:
-    http = config.intake.http
-    usable = [token.name for token in http.tokens if token.secret]
-    disabled = [token for token in http.tokens if not token.secret]
-    if not usable:
-        reasons = "; ".join(f"{t.name}: {_where_secret_comes_from(t.token)}" for t in disabled)
-        return [Finding(Level.ERROR, "config",
-                        f"the HTTP API on {http.listen} is enabled but no token is usable "
-                        f"({reasons or 'none configured'}), so every request is refused",
-                        "set the token's variable in /etc/reelqueue/env (or the environment), "
-                        "or set [intake.http] enabled = false")]
-    findings = [Finding(Level.OK, "config",
-                        f"HTTP API on {http.listen}: usable tokens: {', '.join(usable)}")]
-    findings += [Finding(Level.INFO, "config",
-                         f"HTTP token {t.name} is disabled: {_where_secret_comes_from(t.token)}")
-                 for t in disabled]
-    return findings
-
-
-def _chat_findings(config: Config) -> list[Finding]:
-    chat = config.intake.chat
-    findings = []
-    if not chat.secret:
-        findings.append(Finding(Level.ERROR, "config",
-                                "the chat bot is enabled but has no token: "
-                                + _where_secret_comes_from(chat.token),
-                                "put the bot's token in /etc/reelqueue/env, or set "
-                                "[intake.chat] enabled = false"))
-    if not chat.allowed_user_ids and not chat.admin_user_ids:
-        findings.append(Finding(Level.ERROR, "config",
-                                "the chat bot is enabled but nobody may use it",
-                                "add Telegram user ids to [intake.chat] allowed_user_ids"))
-    elif not chat.allowed_chat_ids:
-        # Private chats need only the user on the list; a group must be listed too.
-        findings.append(Finding(Level.INFO, "config",
-                                "chat bot: private chats only (no group is allowed)",
-                                "add group chat ids to [intake.chat] allowed_chat_ids to "
-                                "serve groups"))
-    if not findings:
-        findings.append(Finding(Level.OK, "config",
-                                f"chat bot: {len(chat.allowed_user_ids)} user(s) and "
-                                f"{len(chat.allowed_chat_ids)} group(s) allowed"))
-    return findings
 
 
 # --- Python packages -------------------------------------------------------------------

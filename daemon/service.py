@@ -1,4 +1,4 @@
-"""The daemon process: runs the intakes and delivers results, in one asyncio loop.
+"""The daemon process: runs the channels and delivers results, in one asyncio loop.
 
 Redis outages are ridden out: the intakes answer "try again" (HTTP 503, a chat reply)
 or retry (drop folders), and the delivery loop waits for Redis to come back. With the
@@ -11,20 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from daemon.channels import RunningChannel, build_channels
 from daemon.config import Config
 from daemon.delivery import DeliveryLoop
-from daemon.jobs import Channel
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
 from daemon.submit import Submitter
-
-if TYPE_CHECKING:
-    from intake.telegram.bot import ChatIntake
 
 log = get_logger(component="daemon")
 REDIS_WATCH_S = 1.0  # how often the embedded Redis is looked at
@@ -32,10 +28,8 @@ MAX_RETRY_S = 60.0  # the longest wait between failed starts of it
 
 
 async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
-    # Intakes build on the daemon, not the reverse: imported here, not at module level.
-    from intake import folder as folder_channel
-    from intake.folder import FolderIntake
-    from intake.http import HttpIntake
+    # The composition: channels and kinds are plugins of the core, wired together here.
+    from intake.channels import CHANNEL_TYPES
     from workers.pipelines import kind_registry
 
     stop = stop or asyncio.Event()
@@ -50,28 +44,19 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
                                    interactive_lead_s=config.queue.interactive_lead)
     submitter = Submitter.from_config(config, queue, kind_registry(config))
-    intakes: list[FolderIntake | HttpIntake | ChatIntake] = [
-        FolderIntake(folder, config, submitter) for folder in config.intake.folder]
-    if config.intake.http.enabled:
-        intakes.append(HttpIntake(config, submitter))
+    channels = build_channels(CHANNEL_TYPES, config, submitter)
     delivery = DeliveryLoop(config, queue)
-    delivery.register(Channel.folder, folder_channel.deliver_async)
-    if config.intake.chat.enabled:
-        from intake.telegram.bot import ChatIntake  # python-telegram-bot only when chat is on
-
-        chat = ChatIntake(config, submitter)
-        intakes.append(chat)
-        delivery.register(Channel.chat, chat.deliver)
-    started: list[FolderIntake | HttpIntake | ChatIntake] = []
+    for channel in channels:
+        if channel.deliver is not None:
+            delivery.register(channel.name, channel.deliver)
+    started: list[RunningChannel] = []
     watch = asyncio.create_task(_keep_redis(embedded, stop)) if embedded else None
     try:
-        for intake in intakes:
-            await intake.start()
-            started.append(intake)
+        for channel in channels:
+            await channel.start()
+            started.append(channel)
         delivery_task = asyncio.create_task(delivery.run(stop))
-        log.info("daemon ready", redis=url, folders=[str(f.path) for f in config.intake.folder],
-                 http=config.intake.http.listen if config.intake.http.enabled else None,
-                 chat=config.intake.chat.enabled)
+        log.info("daemon ready", redis=url, channels=[channel.name for channel in channels])
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, delivery_task], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
@@ -86,8 +71,8 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     finally:
         if watch is not None:
             watch.cancel()
-        for intake in started:
-            await intake.stop()
+        for channel in started:
+            await channel.stop()
         await queue.close()
         if embedded is not None and owns_redis:
             await asyncio.to_thread(embedded.stop)

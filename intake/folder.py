@@ -310,6 +310,28 @@ class FolderIntake:
         )
 
 
+class FolderChannel:
+    """Every ``[[intake.folder]]`` watched, and results delivered beside their requests."""
+
+    name = Channel.folder
+
+    def __init__(self, config: Config, submitter: Submitter):
+        self.watchers = [FolderIntake(folder, config, submitter)
+                         for folder in config.intake.folder]
+
+    async def start(self) -> None:
+        for watcher in self.watchers:
+            await watcher.start()
+
+    async def stop(self) -> None:
+        for watcher in self.watchers:
+            await watcher.stop()
+
+    @staticmethod
+    async def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> None:
+        await asyncio.to_thread(deliver, spec, outcome, directory)
+
+
 def folder_job_id(jobs_root: Path, folder: Path, name: str, content_sha256: str) -> str | None:
     """The job id for file ``name`` with that content hash in watch folder ``folder``.
 
@@ -381,11 +403,6 @@ def _delivery_finished(directory: Path) -> bool | None:
     if not plan.exists():
         return None
     return bool(json.loads(plan.read_text(encoding="utf-8")).get("delivered"))
-
-
-async def deliver_async(spec: JobSpec, outcome: JobOutcome, directory: Path) -> None:
-    """The folder channel's deliverer for the daemon's delivery loop (file work in a thread)."""
-    await asyncio.to_thread(deliver, spec, outcome, directory)
 
 
 def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, str]:

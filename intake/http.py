@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from daemon import links, metrics
 from daemon.config import Config, HttpToken
+from daemon.findings import Finding, Level, where_secret_comes_from
 from daemon.jobs import (
     Channel,
     JobError,
@@ -479,7 +480,11 @@ class HttpApi:
 
 
 class HttpIntake:
-    """Runs ``HttpApi`` on ``[intake.http] listen`` inside the daemon's event loop."""
+    """Runs ``HttpApi`` on ``[intake.http] listen`` inside the daemon's event loop.
+    Results are fetched (``GET /jobs/{id}``): nothing is delivered."""
+
+    name = Channel.http
+    deliver = None
 
     def __init__(self, config: Config, submitter: Submitter):
         self.config = config
@@ -514,3 +519,23 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def token_checks(config: Config) -> list[Finding]:
+    """The doctor's look at ``[intake.http]``: is any token usable?"""
+    http = config.intake.http
+    usable = [token.name for token in http.tokens if token.secret]
+    disabled = [token for token in http.tokens if not token.secret]
+    if not usable:
+        reasons = "; ".join(f"{t.name}: {where_secret_comes_from(t.token)}" for t in disabled)
+        return [Finding(Level.ERROR, "config",
+                        f"the HTTP API on {http.listen} is enabled but no token is usable "
+                        f"({reasons or 'none configured'}), so every request is refused",
+                        "set the token's variable in /etc/reelqueue/env (or the environment), "
+                        "or set [intake.http] enabled = false")]
+    findings = [Finding(Level.OK, "config",
+                        f"HTTP API on {http.listen}: usable tokens: {', '.join(usable)}")]
+    findings += [Finding(Level.INFO, "config",
+                         f"HTTP token {t.name} is disabled: {where_secret_comes_from(t.token)}")
+                 for t in disabled]
+    return findings

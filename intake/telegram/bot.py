@@ -34,7 +34,7 @@ from telegram.ext import (
 from telegram.warnings import PTBDeprecationWarning
 
 from daemon.config import Config
-from daemon.jobs import JobOutcome, JobSpec
+from daemon.jobs import Channel, JobOutcome, JobSpec
 from daemon.logs import get_logger
 from daemon.submit import Submitter
 from intake.telegram import texts
@@ -76,6 +76,7 @@ class ChatIntake:
     Without a token there is no bot: ``start`` says so, ``deliver`` refuses, and the
     parts below are never made."""
 
+    name = Channel.chat
     kinds: dict[str, str]  # command → job kind
     progress: ProgressMessages
     submissions: Submissions

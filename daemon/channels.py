@@ -1,0 +1,47 @@
+"""Channels as the daemon sees them. Each channel (a module or package in ``intake``)
+declares a ``ChannelType``: the name its jobs carry as their source, whether the
+configuration turns it on, how to build it, and its doctor checks. The daemon service
+and the doctor go through the list ``intake.channels.CHANNEL_TYPES`` and know no
+channel by name."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from daemon.config import Config
+from daemon.findings import Finding
+from daemon.jobs import Channel, JobOutcome, JobSpec
+from daemon.submit import Submitter
+
+# How a channel answers a finished job. It must be idempotent: after a crash the same
+# job may be handed to it again, and it must not answer twice.
+Deliverer = Callable[[JobSpec, JobOutcome, Path], Awaitable[None]]
+
+
+class RunningChannel(Protocol):
+    """A channel inside the daemon: started, stopped, and (where results go back by
+    themselves) delivering. A channel whose results are fetched (HTTP) has no deliverer."""
+
+    name: Channel
+    deliver: Deliverer | None
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChannelType:
+    name: Channel
+    enabled: Callable[[Config], bool]
+    build: Callable[[Config, Submitter], RunningChannel]
+    checks: Callable[[Config], list[Finding]]
+
+
+def build_channels(types: list[ChannelType], config: Config, submitter: Submitter
+                   ) -> list[RunningChannel]:
+    """The channels the configuration turns on, in the order they are declared."""
+    return [kind.build(config, submitter) for kind in types if kind.enabled(config)]

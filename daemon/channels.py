@@ -1,8 +1,8 @@
 """Channels as the daemon sees them. Each channel (a module or package in ``intake``)
 declares a ``ChannelType``: the name its jobs carry as their source, whether the
 configuration turns it on, how to build it, and its doctor checks. The daemon service
-and the doctor go through the list ``intake.channels.CHANNEL_TYPES`` and know no
-channel by name."""
+and the doctor go through ``intake.channels.channel_types(config)`` and know no channel
+by name."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Protocol
 
 from daemon.config import Config
 from daemon.findings import Finding
-from daemon.jobs import Channel, JobOutcome, JobSpec
+from daemon.jobs import JobOutcome, JobSpec
 from daemon.submit import Submitter
 
 # How a channel answers a finished job. It must be idempotent: after a crash the same
@@ -25,7 +25,7 @@ class RunningChannel(Protocol):
     """A channel inside the daemon: started, stopped, and (where results go back by
     themselves) delivering. A channel whose results are fetched (HTTP) has no deliverer."""
 
-    name: Channel
+    name: str  # what its jobs carry as ``source.channel``
     deliver: Deliverer | None
 
     async def start(self) -> None: ...
@@ -35,7 +35,7 @@ class RunningChannel(Protocol):
 
 @dataclass(frozen=True)
 class ChannelType:
-    name: Channel
+    name: str
     enabled: Callable[[Config], bool]
     build: Callable[[Config, Submitter], RunningChannel]
     checks: Callable[[Config], list[Finding]]
@@ -44,4 +44,4 @@ class ChannelType:
 def build_channels(types: list[ChannelType], config: Config, submitter: Submitter
                    ) -> list[RunningChannel]:
     """The channels the configuration turns on, in the order they are declared."""
-    return [kind.build(config, submitter) for kind in types if kind.enabled(config)]
+    return [channel.build(config, submitter) for channel in types if channel.enabled(config)]

@@ -419,6 +419,19 @@ class DigestConfig(_Section):
         return int(hour), int(minute)
 
 
+_MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+class PluginsConfig(_Section):
+    """Job kinds and channels from Python modules of one's own, without editing
+    reelqueue: each module must be importable by the daemon and the workers."""
+
+    # Kind name → module declaring Options, INPUTS, check_request and run.
+    kinds: dict[str, Annotated[str, Field(pattern=_MODULE)]] = Field(default_factory=dict)
+    # Modules each declaring CHANNEL_TYPE (daemon.channels.ChannelType).
+    channels: list[Annotated[str, Field(pattern=_MODULE)]] = Field(default_factory=list)
+
+
 class Config(_Section):
     state: StateConfig = Field(default_factory=StateConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -435,6 +448,7 @@ class Config(_Section):
     upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     pipelines: dict[str, CommandPipelineConfig] = Field(default_factory=dict)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     # Where the file came from; relative paths were resolved against its folder.
     source_path: Path | None = Field(default=None, exclude=True)
 

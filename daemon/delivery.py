@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from daemon import metrics
 from daemon.channels import Deliverer
 from daemon.config import Config
-from daemon.jobs import Channel, JobOutcome, JobStatus, job_dir, read_spec
+from daemon.jobs import JobOutcome, JobStatus, job_dir, read_spec
 from daemon.logs import get_logger
 from daemon.queue import QueueClient
 
@@ -34,9 +34,9 @@ class DeliveryLoop:
         self._retries: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         # Channels not registered (cli, http) are answered by polling the job's state.
-        self.deliverers: dict[Channel, Deliverer] = {}
+        self.deliverers: dict[str, Deliverer] = {}
 
-    def register(self, channel: Channel, deliverer: Deliverer) -> None:
+    def register(self, channel: str, deliverer: Deliverer) -> None:
         self.deliverers[channel] = deliverer
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -37,7 +37,7 @@ import redis
 from daemon.config import Config, ConfigError, load_config
 from daemon.findings import Finding, Level
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, find_redis_server
-from intake.channels import CHANNEL_TYPES
+from intake.channels import channel_types
 
 GB = 1024**3
 # Chinese, Japanese kana and Korean: captions in all three must render.
@@ -114,7 +114,7 @@ def check_config(config: Config) -> list[Finding]:
     else:
         findings = [Finding(Level.OK, "config", f"{config.source_path} is valid")]
     # Each channel the configuration turns on checks its own settings.
-    for channel in CHANNEL_TYPES:
+    for channel in channel_types(config):
         if channel.enabled(config):
             findings += channel.checks(config)
     return findings

@@ -43,6 +43,8 @@ class JobStatus(StrEnum):
 
 
 class Channel(StrEnum):
+    """The channels reelqueue ships; a channel plugin brings a name of its own."""
+
     folder = "folder"
     http = "http"
     chat = "chat"
@@ -54,12 +56,14 @@ class Source(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    channel: Channel
+    channel: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     folder: str | None = None  # folder channel: the watch folder (absolute)
     filename: str | None = None  # folder channel: the request file's name in it
     client: str | None = None  # http: the token name / remote address
     chat_id: int | None = None
     message_id: int | None = None
+    # Anything else a channel needs to answer (a plugin channel's own reference).
+    reference: dict[str, str | int] = Field(default_factory=dict)
 
 
 class JobSpec(BaseModel):

@@ -29,7 +29,7 @@ MAX_RETRY_S = 60.0  # the longest wait between failed starts of it
 
 async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     # The composition: channels and kinds are plugins of the core, wired together here.
-    from intake.channels import CHANNEL_TYPES
+    from intake.channels import channel_types
     from workers.pipelines import kind_registry
 
     stop = stop or asyncio.Event()
@@ -44,7 +44,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
                                    interactive_lead_s=config.queue.interactive_lead)
     submitter = Submitter.from_config(config, queue, kind_registry(config))
-    channels = build_channels(CHANNEL_TYPES, config, submitter)
+    channels = build_channels(channel_types(config), config, submitter)
     delivery = DeliveryLoop(config, queue)
     for channel in channels:
         if channel.deliver is not None:

@@ -1,7 +1,10 @@
 """Every channel reelqueue has, declared once (``daemon.channels.ChannelType``). Adding
-a channel is one module (or package) in ``intake`` and one entry here."""
+a channel is one module (or package) in ``intake`` and one entry here, or a module of
+one's own named in ``[plugins] channels``."""
 
 from __future__ import annotations
+
+import importlib
 
 from daemon.channels import ChannelType, RunningChannel
 from daemon.config import Config
@@ -25,3 +28,9 @@ CHANNEL_TYPES = [
     ChannelType(Channel.chat, enabled=lambda config: config.intake.chat.enabled,
                 build=_chat, checks=chat_checks),
 ]
+
+
+def channel_types(config: Config) -> list[ChannelType]:
+    """The built-in channels, then each ``[plugins] channels`` module's ``CHANNEL_TYPE``."""
+    return CHANNEL_TYPES + [importlib.import_module(module).CHANNEL_TYPE
+                            for module in config.plugins.channels]

@@ -6,9 +6,10 @@
 - ``check_request(prompt, options)``: cross-field checks, raising ``JobError``;
 - ``run(job: JobContext) -> JobResult``: the one entry point, top to bottom.
 
-Adding a kind means adding its module and one line to ``BUILT_IN``. Kinds declared in
-the config as ``[pipelines.<name>]`` (research models run by their own command line)
-join them in the registry each process builds with ``kind_registry``.
+Adding a kind means adding its module and one line to ``BUILT_IN`` (or, outside this
+package, one ``[plugins] kinds`` entry). Kinds declared in the config as
+``[pipelines.<name>]`` (research models run by their own command line) join them in the
+registry each process builds with ``kind_registry``.
 """
 
 from __future__ import annotations
@@ -37,17 +38,21 @@ def _command(name: str, spec: CommandPipelineConfig) -> Kind:
 
 
 def kind_registry(config: Config | None = None) -> KindRegistry:
-    """The built-in kinds plus one per ``[pipelines.<name>]`` table of ``config``. A bad
-    table name is a ``ConfigError``, reported like any other key of the file."""
+    """The built-in kinds, one per ``[pipelines.<name>]`` table of ``config`` and one per
+    ``[plugins] kinds`` entry. A name that cannot be a kind, or is taken already, is a
+    ``ConfigError``, reported like any other key of the file."""
     loaders: dict[str, Callable[[], Kind]] = {
         name: partial(importlib.import_module, module) for name, module in BUILT_IN.items()}
-    commands = config.pipelines if config else {}
     origin = config.source_path if config and config.source_path else "config"
-    for name, spec in commands.items():
-        problem = ("clashes with the built-in kind " + repr(name) if name in BUILT_IN else
+    added = {f"pipelines.{name}": (name, partial(_command, name, spec))
+             for name, spec in (config.pipelines if config else {}).items()}
+    added |= {f"plugins.kinds.{name}": (name, partial(importlib.import_module, module))
+              for name, module in (config.plugins.kinds if config else {}).items()}
+    for key, (name, loader) in added.items():
+        problem = (f"clashes with the kind {name!r}" if name in loaders else
                    None if _KIND_NAME.fullmatch(name) else
                    "a kind name is lowercase letters, digits and _")
         if problem:
-            raise ConfigError(f"{origin}: invalid configuration\n  pipelines.{name}: {problem}")
-        loaders[name] = partial(_command, name, spec)
+            raise ConfigError(f"{origin}: invalid configuration\n  {key}: {problem}")
+        loaders[name] = loader
     return KindRegistry(loaders)

@@ -157,7 +157,7 @@ def _entry(directory: Path, out_dir: Path) -> Entry | None:
         kind=spec.kind,
         status=status,
         title=title,
-        source=f"{source.channel.value} {where}".strip(),
+        source=f"{source.channel} {where}".strip(),
         created_at=spec.created_at,
         finished_at=finished,
         error=outcome.error if outcome and outcome.status != JobStatus.done else None,

@@ -1,0 +1,30 @@
+"""A job kind in one module: the prompt, reversed, as a text file with a small report."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from daemon import files
+from daemon.jobs import JobError
+from workers.context import JobContext, JobResult
+
+INPUTS: tuple[str, ...] = ()
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shout: bool = False
+
+
+def check_request(prompt: str, options: Options) -> None:
+    if not prompt:
+        raise JobError("an echo needs a prompt to echo")
+
+
+def run(job: JobContext) -> JobResult:
+    options = Options.model_validate(job.spec.options)
+    text = job.spec.prompt[::-1]
+    files.write_text(job.dir / "echo.txt", text.upper() if options.shout else text)
+    files.write_json(job.dir / "report.json", {"kind": "echo", "characters": len(text)})
+    return JobResult(primary="echo.txt", reports=["report.json"])

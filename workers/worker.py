@@ -63,6 +63,7 @@ log = get_logger(component="worker")
 class WorkerState:
     config: Config
     name: str
+    gpu: gpu.GpuState = field(default_factory=gpu.GpuState)  # made at the process start
     queue: QueueClient = None  # type: ignore[assignment]  # set at startup from arq's pool
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     device: str = "cpu"
@@ -99,7 +100,7 @@ async def _beat(state: WorkerState) -> None:
         "stage": state.current_stage,
         "vram_used": vram[0] if vram else None,
         "vram_total": vram[1] if vram else None,
-        "stopped": gpu.HEALTH.reason or None,
+        "stopped": state.gpu.health.reason or None,
         "paused": state.paused or None,
         "ts": time.time(),
     }
@@ -138,7 +139,7 @@ async def _heartbeat_loop(state: WorkerState) -> None:
             if state.arq_worker is not None:
                 # A paused worker finishes its job and takes no new one; so does one whose
                 # GPU keeps failing.
-                state.arq_worker.allow_pick_jobs = not paused and not gpu.HEALTH.should_stop
+                state.arq_worker.allow_pick_jobs = not paused and not state.gpu.health.should_stop
             await _beat(state)
             await recover_orphans(state)
         except Exception as exc:  # Redis restarting: keep beating once it is back
@@ -243,6 +244,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         run_job_sync, spec, config,
         on_progress=_progress_publisher(state, job_id, loop),
         cancellation=cancellation, queue_wait_s=queue_wait, job_timeout_s=job_timeout,
+        gpu_state=state.gpu,
     ))
     try:
         try:
@@ -271,11 +273,11 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         await queue.finish(job_id, outcome.status, outcome.error)
         await redis.delete(attempts_key(job_id))
         bound.info("job finished", status=outcome.status, error=outcome.error)
-        if gpu.HEALTH.should_stop and state.arq_worker is not None:
+        if state.gpu.health.should_stop and state.arq_worker is not None:
             # Failing every queued job on a broken card helps nobody: stop taking jobs,
             # stay up to say why (heartbeat, status, /healthz), keep the queue intact.
             state.arq_worker.allow_pick_jobs = False
-            bound.error("worker stopped taking jobs", reason=gpu.HEALTH.reason)
+            bound.error("worker stopped taking jobs", reason=state.gpu.health.reason)
         return {"status": outcome.status}
     finally:
         await redis.delete(running_key(job_id))
@@ -348,8 +350,10 @@ class PolicyWorker(Worker):
 
 
 def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:
-    """Build the arq worker for ``config``; call ``.run()`` on it."""
-    state = WorkerState(config=config, name=name or config.worker.name or default_worker_name())
+    """Build the arq worker for ``config``; call ``.run()`` on it. This is the worker
+    process's start: its GPU state is made here (``GpuState.for_process``)."""
+    state = WorkerState(config=config, name=name or config.worker.name or default_worker_name(),
+                        gpu=gpu.GpuState.for_process())
     worker = PolicyWorker(
         functions=[func(run_job, name=RUN_FUNCTION, max_tries=10_000)],  # we count tries
         queue_name=QUEUE_NAME,

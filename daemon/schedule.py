@@ -7,7 +7,9 @@ creation time), where arq leaves them alone. An idle worker *releases* one parke
 at a time, the one this policy picks, by moving its score to now; arq then starts it
 as usual. Everything else (job records, retries, aborts, results, crash recovery)
 stays arq's, and a parked job is an ordinary arq job the whole time, so nothing is
-lost between the two states.
+lost between the two states. The worker calls ``release_next`` from its hook into arq's
+poll (workers.arq_seam); what this relies on of arq (a job starts once its score is
+due, arq's key names) is pinned by tests/test_seam.py.
 
 The policy, as ``dispatch_order`` computes it:
 

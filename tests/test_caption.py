@@ -24,9 +24,10 @@ def tiny_git(tmp_path_factory):
     return build_tiny_git(tmp_path_factory.mktemp("models") / "git-tiny")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_residency(monkeypatch):
-    monkeypatch.setattr(gpu, "RESIDENT", gpu.Residency())
+@pytest.fixture
+def gpu_state() -> gpu.GpuState:
+    """What a worker process keeps between the jobs it runs."""
+    return gpu.GpuState()
 
 
 def two_shot_video(path, fps=8, seconds_per_shot=2):
@@ -41,7 +42,8 @@ def two_shot_video(path, fps=8, seconds_per_shot=2):
     writer.close()
 
 
-def run_caption(tmp_path, model, video_name="clip.mp4", video=two_shot_video, **options):
+def run_caption(tmp_path, model, video_name="clip.mp4", video=two_shot_video, gpu_state=None,
+                **options):
     config = Config(state=StateConfig(dir=tmp_path / "var"), caption=CaptionConfig(model=model))
     spec = JobSpec(id="cap" + str(abs(hash(str(tmp_path))))[:10], kind="caption",
                    inputs=[video_name],
@@ -50,7 +52,7 @@ def run_caption(tmp_path, model, video_name="clip.mp4", video=two_shot_video, **
     inputs = job_dir(config.jobs_dir, spec.id) / "inputs"
     inputs.mkdir(parents=True)
     video(inputs / video_name)
-    return run_job_sync(spec, config), job_dir(config.jobs_dir, spec.id)
+    return run_job_sync(spec, config, gpu_state=gpu_state), job_dir(config.jobs_dir, spec.id)
 
 
 def test_a_two_shot_video_gets_a_caption_and_one_per_shot(tmp_path, tiny_git):
@@ -73,7 +75,7 @@ def test_per_shot_captions_can_be_switched_off(tmp_path, tiny_git):
     assert len((directory / caption.OUTPUT_FILE).read_text().splitlines()) == 1
 
 
-def test_the_model_stays_resident_between_jobs(tmp_path, tiny_git, monkeypatch):
+def test_the_model_stays_resident_between_jobs(tmp_path, tiny_git, monkeypatch, gpu_state):
     loads = []
     real_load = caption._load
 
@@ -83,41 +85,42 @@ def test_the_model_stays_resident_between_jobs(tmp_path, tiny_git, monkeypatch):
 
     monkeypatch.setattr(caption, "_load", counted_load)
     for name in ("a", "b"):
-        outcome, _ = run_caption(tmp_path / name, tiny_git, per_shot=False)
+        outcome, _ = run_caption(tmp_path / name, tiny_git, per_shot=False, gpu_state=gpu_state)
         assert outcome.status == "done", outcome.error
     assert loads == [tiny_git]  # one from_pretrained for both jobs
-    resident = gpu.RESIDENT.get(caption.ROLE)
+    resident = gpu_state.resident.get(caption.ROLE)
     assert resident.model_path == tiny_git.resolve() and resident.rung is gpu.Rung.ON_DEVICE
     assert isinstance(resident.model, caption.Captioner) and resident.need.total > 0
 
 
-def test_another_caption_model_replaces_the_first_and_release_frees_it(tmp_path, tiny_git):
+def test_another_caption_model_replaces_the_first_and_release_frees_it(tmp_path, tiny_git,
+                                                                       gpu_state):
     other = build_tiny_git(tmp_path / "git-tiny-other")
-    run_caption(tmp_path / "a", tiny_git, per_shot=False)
-    first = gpu.RESIDENT.get(caption.ROLE)
-    outcome, _ = run_caption(tmp_path / "b", other, per_shot=False)
+    run_caption(tmp_path / "a", tiny_git, per_shot=False, gpu_state=gpu_state)
+    first = gpu_state.resident.get(caption.ROLE)
+    outcome, _ = run_caption(tmp_path / "b", other, per_shot=False, gpu_state=gpu_state)
     assert outcome.status == "done", outcome.error
     assert first.model is None  # evicted before the other model loaded
-    assert gpu.RESIDENT.get(caption.ROLE).model_path == other.resolve()
-    gpu.release_memory()  # what a command kind with its own models asks for
-    assert gpu.RESIDENT.get(caption.ROLE) is None
+    assert gpu_state.resident.get(caption.ROLE).model_path == other.resolve()
+    gpu.release_memory(gpu_state.resident)  # what a command kind with its own models asks for
+    assert gpu_state.resident.get(caption.ROLE) is None
 
 
 def test_the_video_model_parks_a_resident_captioner_when_it_needs_the_room(
-        tmp_path, tiny_git, monkeypatch):
-    run_caption(tmp_path, tiny_git, per_shot=False)
-    captioner = gpu.RESIDENT.get(caption.ROLE)
+        tmp_path, tiny_git, monkeypatch, gpu_state):
+    run_caption(tmp_path, tiny_git, per_shot=False, gpu_state=gpu_state)
+    captioner = gpu_state.resident.get(caption.ROLE)
     # Pretend the captioner sits on a card with room for one model of its size.
     captioner.device = torch.device("cuda")
     card = captioner.need.total
     monkeypatch.setattr(gpu, "available_bytes", lambda settings, device: card - sum(
-        r.vram_bytes for r in gpu.RESIDENT._slots.values()))
+        r.vram_bytes for r in gpu_state.resident._slots.values()))
     monkeypatch.setattr(gpu, "memory_need", lambda path, dtype: gpu.MemoryNeed(
         path, (gpu.ComponentSize("transformer", card, 0, 0, 0),)))
 
-    video = gpu.RESIDENT.acquire("video", tmp_path / "wan", dtype=torch.float32,
-                                 device=torch.device("cpu"), settings=gpu.GpuSettings(),
-                                 load=lambda rung: object())
+    video = gpu_state.resident.acquire("video", tmp_path / "wan", dtype=torch.float32,
+                                       device=torch.device("cpu"), settings=gpu.GpuSettings(),
+                                       load=lambda rung: object())
     assert captioner.parked and video.resident.rung is gpu.Rung.ON_DEVICE
 
 

@@ -22,10 +22,15 @@ from workers.pipelines.diffusion import DiffusionSettings, RenderProgress, Scene
 STEPS = 2
 
 
+# What a worker process keeps between jobs, kept here between tests (the tiny models
+# load once for the module).
+RESIDENCY = gpu.Residency()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_and_unload_after():
     yield from tiny_models.one_thread()
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()
 
 
 def model(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -42,7 +47,8 @@ def scene(number: int = 1, frames: int = 12, first_frame: np.ndarray | None = No
 def render(request: SceneRequest, settings: DiffusionSettings, progress: list | None = None):
     frames: list[np.ndarray] = []
     result = diffusion.render_scene(request, settings, frames.append,
-                                    progress.append if progress is not None else None)
+                                    progress.append if progress is not None else None,
+                                    resident=RESIDENCY)
     return frames, result
 
 
@@ -113,14 +119,15 @@ def test_cancel_stops_at_the_next_step_and_the_pipeline_still_works(tmp_path_fac
 
     frames: list[np.ndarray] = []
     with pytest.raises(JobCancelled):
-        diffusion.render_scene(scene(), settings, frames.append, cancel_at_first_step)
+        diffusion.render_scene(scene(), settings, frames.append, cancel_at_first_step,
+                               resident=RESIDENCY)
     assert steps_seen == [1] and frames == []
 
-    pipe = gpu.RESIDENT.get(diffusion.ROLE).model
+    pipe = RESIDENCY.get(diffusion.ROLE).model
     assert pipe._interrupt is False and pipe._current_timestep is None
     again, result = render(scene(), settings)
     assert_frames(again, 12)
-    assert result.reused_model and gpu.RESIDENT.get(diffusion.ROLE).model is pipe
+    assert result.reused_model and RESIDENCY.get(diffusion.ROLE).model is pipe
 
 
 def test_out_of_memory_steps_down_the_ladder_and_the_scene_completes(tmp_path_factory, tmp_path):
@@ -135,7 +142,8 @@ def test_out_of_memory_steps_down_the_ladder_and_the_scene_completes(tmp_path_fa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     frames: list[np.ndarray] = []
-    result = diffusion.render_scene(scene(), settings, frames.append, out_of_memory_once)
+    result = diffusion.render_scene(scene(), settings, frames.append, out_of_memory_once,
+                                    resident=RESIDENCY)
 
     assert_frames(frames, 12)
     assert [(s.from_rung, s.to_rung) for s in result.step_downs] == [
@@ -150,16 +158,16 @@ def test_out_of_memory_steps_down_the_ladder_and_the_scene_completes(tmp_path_fa
 def test_a_resident_model_is_reused_and_a_new_one_evicts_it(tmp_path_factory):
     wan = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=1)
     render(scene(), wan)
-    pipe = weakref.ref(gpu.RESIDENT.get(diffusion.ROLE).model)
+    pipe = weakref.ref(RESIDENCY.get(diffusion.ROLE).model)
     _, second = render(scene(), wan)
     assert second.reused_model and second.load_s < 0.01
-    assert gpu.RESIDENT.get(diffusion.ROLE).model is pipe()
+    assert RESIDENCY.get(diffusion.ROLE).model is pipe()
 
     ltx = DiffusionSettings(model_dir=model("tiny-ltx", tmp_path_factory), steps=1)
     _, switched = render(scene(), ltx)
     gc.collect()
     assert not switched.reused_model and pipe() is None  # the Wan pipeline is gone
-    assert gpu.RESIDENT.get(diffusion.ROLE).model_path.name == "tiny-ltx"
+    assert RESIDENCY.get(diffusion.ROLE).model_path.name == "tiny-ltx"
 
 
 @pytest.mark.parametrize("rung", gpu.ladder_for(torch.device("cpu")))
@@ -230,7 +238,7 @@ def test_a_separate_image_to_video_model_continues_the_next_scene(tmp_path_facto
     assert continued.pipeline == "WanImageToVideoPipeline"
     # 3 s at 16 fps: 47 new frames after the given one; at most 81 per generation.
     assert continued.generations == [49]
-    assert gpu.RESIDENT.get(diffusion.CONTINUITY_ROLE).model_path.name == "tiny-wan-i2v"
+    assert RESIDENCY.get(diffusion.CONTINUITY_ROLE).model_path.name == "tiny-wan-i2v"
 
 
 @pytest.mark.slow
@@ -255,7 +263,7 @@ def test_a_scene_becomes_an_h264_clip_through_the_clip_writer(tmp_path_factory, 
     request = scene()
     fmt = encode.VideoFormat(width=request.width, height=request.height, fps=request.fps)
     with encode.clip_writer(tmp_path / "scene_01.mp4", fmt) as write:
-        result = diffusion.render_scene(request, settings, write)
+        result = diffusion.render_scene(request, settings, write, resident=RESIDENCY)
     info = encode.probe(tmp_path / "scene_01.mp4")
     assert (info.width, info.height) == (40, 30) and result.frames == 12
     last = diffusion.last_frame_of_clip(tmp_path / "scene_01.mp4", 40, 30)
@@ -266,7 +274,7 @@ def test_a_scene_becomes_an_h264_clip_through_the_clip_writer(tmp_path_factory, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rung", list(gpu.LADDER))
 def test_every_rung_renders_on_the_gpu_in_half_precision(tmp_path_factory, rung):
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()
     settings = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=STEPS,
                                  rung=rung)
     with gpu.VramMonitor(settings.gpu) as vram:
@@ -274,4 +282,4 @@ def test_every_rung_renders_on_the_gpu_in_half_precision(tmp_path_factory, rung)
     assert_frames(frames, 12)
     assert result.device.startswith("cuda") and result.dtype in ("bfloat16", "float16")
     assert result.rung == rung and vram.report()["peak"] > 0
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()

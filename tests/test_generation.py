@@ -25,10 +25,14 @@ from workers.runner import Cancellation, run_job_sync
 PROMPT = "A red fox runs through the snow. The sun sets behind the hills."
 
 
+# What a worker process keeps between jobs, kept here between tests.
+GPU_STATE = gpu.GpuState()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_and_unload_after():
     yield from tiny_models.one_thread()
-    gpu.RESIDENT.evict()
+    GPU_STATE.resident.evict()
 
 
 def config_for(tmp_path, tmp_path_factory, video_model: str, llm: str = "") -> Config:
@@ -56,7 +60,8 @@ def test_each_family_renders_a_film_through_the_worker_path(tmp_path, tmp_path_f
     config = config_for(tmp_path, tmp_path_factory, model)
     spec = video_job(config)
     events: list[tuple[str, float, str]] = []
-    outcome = run_job_sync(spec, config, on_progress=lambda *e: events.append(e))
+    outcome = run_job_sync(spec, config, on_progress=lambda *e: events.append(e),
+                           gpu_state=GPU_STATE)
     assert outcome.status == "done", outcome.error
     directory = job_dir(config.jobs_dir, spec.id)
     frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(directory / "video.mp4"))
@@ -70,7 +75,7 @@ def test_each_family_renders_a_film_through_the_worker_path(tmp_path, tmp_path_f
     assert steps, "progress must come from the denoising loop, step by step"
 
     # The same job again: every clip reused, the model already resident.
-    again = run_job_sync(spec, config)
+    again = run_job_sync(spec, config, gpu_state=GPU_STATE)
     assert again.status == "done"
     report = json.loads((directory / "report.json").read_text())
     assert all(s.get("reused") for s in report["generation"]["scenes"])
@@ -79,7 +84,7 @@ def test_each_family_renders_a_film_through_the_worker_path(tmp_path, tmp_path_f
 def test_a_chat_model_writes_the_storyboard(tmp_path, tmp_path_factory):
     config = config_for(tmp_path, tmp_path_factory, "tiny-wan", llm="tiny-llm")
     spec = video_job(config)
-    outcome = run_job_sync(spec, config)
+    outcome = run_job_sync(spec, config, gpu_state=GPU_STATE)
     assert outcome.status == "done", outcome.error
     report = json.loads((job_dir(config.jobs_dir, spec.id) / "report.json").read_text())
     written = report["storyboard"]["written_by"]
@@ -97,9 +102,9 @@ def test_cancel_mid_denoise_then_the_model_still_works(tmp_path, tmp_path_factor
             cancellation.set(Cancellation.USER)
 
     outcome = run_job_sync(video_job(config), config, on_progress=on_progress,
-                           cancellation=cancellation)
+                           cancellation=cancellation, gpu_state=GPU_STATE)
     assert outcome.status == "cancelled"
-    assert run_job_sync(video_job(config), config).status == "done"
+    assert run_job_sync(video_job(config), config, gpu_state=GPU_STATE).status == "done"
 
 
 def test_a_missing_model_fails_at_once_with_the_install_command(tmp_path):
@@ -107,6 +112,6 @@ def test_a_missing_model_fails_at_once_with_the_install_command(tmp_path):
                     video=VideoConfig(backend="diffusers", model="Wan2.1-T2V-1.3B-Diffusers",
                                       width=64, height=64, fps=8),
                     models=ModelsConfig(dir=tmp_path / "models"))
-    outcome = run_job_sync(video_job(config), config)
+    outcome = run_job_sync(video_job(config), config, gpu_state=GPU_STATE)
     assert outcome.status == "failed"
     assert "scripts/fetch_models.py Wan2.1-T2V-1.3B-Diffusers" in outcome.error

@@ -4,6 +4,9 @@ queue preference. CPU-only except the tests marked ``gpu``."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,15 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests import tiny_models
+from tests.conftest import REPO
 from workers import gpu
 from workers.gpu import GB, ComponentSize, MemoryNeed, QueuedJob, Rung
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_residency(monkeypatch):
-    monkeypatch.setattr(gpu, "RESIDENT", gpu.Residency())
+@pytest.fixture
+def resident() -> gpu.Residency:
+    return gpu.Residency()
 
 
 # --- device, dtype, monitor -----------------------------------------------------------------
@@ -141,8 +145,8 @@ class FakeModel:
         return self
 
 
-def acquire(model_dir: Path, role: str = "video", device: str = "cpu",
-            loads: list | None = None):
+def acquire(resident: gpu.Residency, model_dir: Path, role: str = "video",
+            device: str = "cpu", loads: list | None = None):
     model_dir.mkdir(exist_ok=True)
 
     def load(rung: Rung) -> FakeModel:
@@ -151,40 +155,40 @@ def acquire(model_dir: Path, role: str = "video", device: str = "cpu",
             loads.append((model_dir.name, rung))
         return FakeModel(model_dir.name).to(device)
 
-    return gpu.RESIDENT.acquire(role, model_dir, dtype=torch.float32, device=torch.device(device),
-                                settings=gpu.GpuSettings(), load=load)
+    return resident.acquire(role, model_dir, dtype=torch.float32, device=torch.device(device),
+                            settings=gpu.GpuSettings(), load=load)
 
 
-def test_a_resident_model_costs_no_load_and_a_new_one_evicts_it(tmp_path):
+def test_a_resident_model_costs_no_load_and_a_new_one_evicts_it(tmp_path, resident):
     loads: list = []
-    first = acquire(tmp_path / "wan", loads=loads)
-    again = acquire(tmp_path / "wan", loads=loads)
+    first = acquire(resident, tmp_path / "wan", loads=loads)
+    again = acquire(resident, tmp_path / "wan", loads=loads)
     assert not first.reused and first.load_s >= 0.02
     assert again.reused and again.load_s < 0.01 and again.resident.model is first.resident.model
 
-    other = acquire(tmp_path / "ltx", loads=loads)
+    other = acquire(resident, tmp_path / "ltx", loads=loads)
     assert first.resident.model is None  # evicted before the new model loaded
     assert other.resident.model.name == "ltx" and loads == [("wan", Rung.ON_DEVICE),
                                                              ("ltx", Rung.ON_DEVICE)]
 
 
-def test_step_down_remembers_the_rung_and_ends_at_the_bottom(tmp_path):
+def test_step_down_remembers_the_rung_and_ends_at_the_bottom(tmp_path, resident):
     loads: list = []
-    acquire(tmp_path / "wan", loads=loads)
-    step = gpu.RESIDENT.step_down("video", "OutOfMemoryError: CUDA out of memory")
+    acquire(resident, tmp_path / "wan", loads=loads)
+    step = resident.step_down("video", "OutOfMemoryError: CUDA out of memory")
     assert (step.from_rung, step.to_rung) == (Rung.ON_DEVICE, Rung.MODEL_OFFLOAD)
-    assert gpu.RESIDENT.get("video") is None
-    acquire(tmp_path / "wan", loads=loads)
+    assert resident.get("video") is None
+    acquire(resident, tmp_path / "wan", loads=loads)
     assert loads[-1] == ("wan", Rung.MODEL_OFFLOAD)
-    gpu.RESIDENT.step_down("video", "again")
-    acquire(tmp_path / "wan", loads=loads)
-    assert gpu.RESIDENT.step_down("video", "and again") is None  # group offload is the CPU's last
+    resident.step_down("video", "again")
+    acquire(resident, tmp_path / "wan", loads=loads)
+    assert resident.step_down("video", "and again") is None  # group offload is the CPU's last
 
 
-def test_another_role_is_parked_only_when_the_room_is_needed(tmp_path, monkeypatch):
+def test_another_role_is_parked_only_when_the_room_is_needed(tmp_path, resident, monkeypatch):
     # A pretend 10 GB card: what the resident models hold is taken from it.
     def available(settings, device):
-        held = sum(r.vram_bytes for r in gpu.RESIDENT._slots.values())
+        held = sum(r.vram_bytes for r in resident._slots.values())
         return 10 * GB - held
 
     monkeypatch.setattr(gpu, "available_bytes", available)
@@ -192,13 +196,14 @@ def test_another_role_is_parked_only_when_the_room_is_needed(tmp_path, monkeypat
     monkeypatch.setattr(gpu, "memory_need", lambda model_dir, dtype: need_of(
         sizes[model_dir.name] / GB, sizes[model_dir.name] / GB / 2, 0.1))
 
-    llm = acquire(tmp_path / "llm", role="storyboard", device="cuda")
-    acquire(tmp_path / "wan", role="video", device="cuda")
+    llm = acquire(resident, tmp_path / "llm", role="storyboard", device="cuda")
+    acquire(resident, tmp_path / "wan", role="video", device="cuda")
     assert not llm.resident.parked  # 3 + 6 GB fit together
 
-    acquire(tmp_path / "big", role="video", device="cuda")  # evicts wan; 3 + 9 do not fit
+    # Evicts wan; 3 + 9 GB do not fit.
+    acquire(resident, tmp_path / "big", role="video", device="cuda")
     assert llm.resident.parked and llm.resident.model.device == "cpu"
-    back = acquire(tmp_path / "llm", role="storyboard", device="cuda")
+    back = acquire(resident, tmp_path / "llm", role="storyboard", device="cuda")
     assert back.reused and not back.resident.parked and back.resident.model.device == "cuda"
 
 
@@ -225,3 +230,60 @@ def test_group_by_model_prefers_the_resident_model_without_starving_the_oldest()
     starved = [QueuedJob("a", "ltx", skipped=2), QueuedJob("b", "wan")]
     assert gpu.group_by_model(starved, "wan").id == "a"
     assert gpu.group_by_model([], "wan") is None
+
+
+# --- whose state ---------------------------------------------------------------------------------
+
+
+def test_importing_the_worker_side_changes_no_global_state():
+    # A fresh interpreter without HF_HUB_OFFLINE: importing every worker module (each
+    # kind's too) must leave the environment as it was and make no GPU state.
+    code = (
+        "import importlib, os, pkgutil, cv2, workers\n"  # cv2 sets LD_LIBRARY_PATH itself
+        "before = dict(os.environ)\n"
+        "for m in pkgutil.walk_packages(workers.__path__, 'workers.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from workers import gpu\n"
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+        "assert not hasattr(gpu, 'RESIDENT') and not hasattr(gpu, 'HEALTH')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_owning_process_makes_its_gpu_state_once():
+    environ = {"REELQUEUE_GPU_FAILURE_LIMIT": "5"}
+    state = gpu.GpuState.for_process(environ)
+    assert environ["HF_HUB_OFFLINE"] == "1" and state.health.limit == 5
+    assert gpu.GpuState.for_process({"HF_HUB_OFFLINE": "0"}).health.limit == 3
+    assert gpu.GpuState().resident is not gpu.GpuState().resident  # nothing shared
+
+
+def test_each_job_gets_the_workers_state_and_a_one_off_run_its_own(tmp_path, monkeypatch):
+    from daemon.config import Config, StateConfig
+    from daemon.jobs import JobSpec, Source, new_job_id, write_spec
+    from workers import pipelines
+    from workers.runner import run_job_sync
+
+    config = Config(state=StateConfig(dir=tmp_path / "var"))
+    seen: list[gpu.GpuState] = []
+
+    def run(job):
+        seen.append(job.gpu)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    kind = type("Kind", (), {"run": staticmethod(run)})
+    monkeypatch.setattr(pipelines, "load", lambda name: kind)  # any kind will do
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a one-off run sets it
+    state = gpu.GpuState(health=gpu.GpuHealth(limit=2))
+    for _ in range(2):
+        spec = JobSpec(id=new_job_id(), kind="video", prompt="a fox",
+                       source=Source(channel="cli"))
+        write_spec(config.jobs_dir, spec)
+        assert run_job_sync(spec, config, gpu_state=state).status == "failed"
+    run_job_sync(spec, config)  # ``reelqueue run``: the process's only job
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert seen[0] is state and seen[1] is state and seen[2] is not state
+    assert state.health.should_stop and not seen[2].health.failures[1:]

@@ -25,10 +25,14 @@ VALID_REPLY = json.dumps({
         for n in (1, 2, 3)]})
 
 
+# What a worker process keeps between jobs, kept here between tests.
+RESIDENCY = gpu.Residency()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_and_unload_after():
     yield from tiny_models.one_thread()
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +45,17 @@ def request(duration: float | None = 12, **fields) -> PlanRequest:
                        style="watercolour, soft light", seed=7, **fields)
 
 
+def plan(request: PlanRequest, settings: LlmSettings, **kwargs):
+    return llm_storyboard.plan_storyboard(request, settings, resident=RESIDENCY, **kwargs)
+
+
 def settings(model_dir, **fields) -> LlmSettings:
     # Short strings and replies keep a random-weight model's output small.
     return LlmSettings(model_dir=model_dir, **{"text_limit": 12, "max_new_tokens": 40, **fields})
 
 
 def test_constrained_decoding_gives_a_valid_storyboard_even_from_random_weights(llm):
-    result = llm_storyboard.plan_storyboard(request(), settings(llm, max_new_tokens=600))
+    result = plan(request(), settings(llm, max_new_tokens=600))
 
     assert result.path == "llm-constrained", result.reason
     assert result.reason == "the model wrote it under the JSON schema"
@@ -63,7 +71,7 @@ def test_constrained_decoding_gives_a_valid_storyboard_even_from_random_weights(
 
 def test_without_constrained_decoding_a_bad_reply_falls_back_to_the_rules(llm):
     progress = []
-    result = llm_storyboard.plan_storyboard(
+    result = plan(
         request(), settings(llm, constrained=False), on_tokens=lambda done, most:
         progress.append(done))
 
@@ -77,12 +85,12 @@ def test_without_constrained_decoding_a_bad_reply_falls_back_to_the_rules(llm):
 
 
 def test_when_outlines_is_missing_the_plain_path_takes_over(llm, monkeypatch):
-    gpu.RESIDENT.evict()  # generators built earlier would hide the missing library
+    RESIDENCY.evict()  # generators built earlier would hide the missing library
     monkeypatch.setitem(sys.modules, "outlines", None)  # import outlines → ImportError
     replies = iter(["Here you go: {\"title\": \"The fox\"", VALID_REPLY])
     monkeypatch.setattr(llm_storyboard, "_generate_plain", lambda *args: next(replies))
 
-    result = llm_storyboard.plan_storyboard(request(), settings(llm, text_limit=60))
+    result = plan(request(), settings(llm, text_limit=60))
 
     assert [(a.path, a.ok) for a in result.attempts] == [
         ("llm-constrained", False), ("llm", False), ("llm-repaired", True)]
@@ -100,24 +108,23 @@ def test_a_cancel_while_the_model_writes_stops_it(llm):
         raise JobCancelled()
 
     with pytest.raises(JobCancelled):
-        llm_storyboard.plan_storyboard(request(), settings(llm), on_tokens=cancel)
+        plan(request(), settings(llm), on_tokens=cancel)
 
 
 def test_out_of_gpu_memory_unloads_the_model_and_the_rules_take_over(llm):
     def out_of_memory(done: int, most: int) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    result = llm_storyboard.plan_storyboard(request(), settings(llm), on_tokens=out_of_memory)
+    result = plan(request(), settings(llm), on_tokens=out_of_memory)
     assert result.path == "rules"
     assert result.reason == ("llm: out of GPU memory (OutOfMemoryError: CUDA out of memory. "
                              "Tried to allocate 1.00 GiB); planned by rules")
-    assert gpu.RESIDENT.get(llm_storyboard.ROLE) is None
+    assert RESIDENCY.get(llm_storyboard.ROLE) is None
 
 
 def test_a_job_with_its_own_scenes_needs_no_model():
     scenes = [Scene(description="A lighthouse at night", camera="wide shot", duration_s=4)]
-    result = llm_storyboard.plan_storyboard(request(None, scenes=scenes),
-                                            LlmSettings(model_dir=Path("/nowhere")))
+    result = plan(request(None, scenes=scenes), LlmSettings(model_dir=Path("/nowhere")))
     assert result.path == "job" and result.video_prompts == [
         "A lighthouse at night. Wide shot. Style: watercolour, soft light."]
 

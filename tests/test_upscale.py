@@ -31,7 +31,7 @@ from workers.runner import run_job_sync
 KINDS = kind_registry()
 
 
-def run_upscale(tmp_path, name, write_input, model_path=None, **options):
+def run_upscale(tmp_path, name, write_input, model_path=None, gpu_state=None, **options):
     config = Config(state=StateConfig(dir=tmp_path / "var"),
                     upscale=UpscaleConfig(model=model_path, tile=32, tile_context=24))
     spec = JobSpec(id="up" + str(abs(hash((str(tmp_path), name))))[:10], kind="upscale",
@@ -40,12 +40,13 @@ def run_upscale(tmp_path, name, write_input, model_path=None, **options):
     inputs = job_dir(config.jobs_dir, spec.id) / "inputs"
     inputs.mkdir(parents=True)
     write_input(inputs / name)
-    return run_job_sync(spec, config), job_dir(config.jobs_dir, spec.id)
+    return run_job_sync(spec, config, gpu_state=gpu_state), job_dir(config.jobs_dir, spec.id)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_residency(monkeypatch):
-    monkeypatch.setattr(gpu, "RESIDENT", gpu.Residency())
+@pytest.fixture
+def gpu_state() -> gpu.GpuState:
+    """What a worker process keeps between the jobs it runs."""
+    return gpu.GpuState()
 
 
 @dataclass
@@ -136,24 +137,26 @@ def test_a_video_is_upscaled_frame_by_frame_and_keeps_its_audio(tmp_path, fake_s
 
 
 def test_the_model_stays_resident_between_jobs_and_another_file_replaces_it(
-        tmp_path, fake_spandrel, tiny_x4):
+        tmp_path, fake_spandrel, tiny_x4, gpu_state):
     for name in ("a", "b"):
-        outcome, _ = run_upscale(tmp_path / name, "photo.png", rgba16, model_path=tiny_x4)
+        outcome, _ = run_upscale(tmp_path / name, "photo.png", rgba16, model_path=tiny_x4,
+                                 gpu_state=gpu_state)
         assert outcome.status == "done", outcome.error
     assert fake_spandrel == [str(tiny_x4)]  # loaded once, for both jobs
-    first = gpu.RESIDENT.get(upscale.ROLE)
+    first = gpu_state.resident.get(upscale.ROLE)
     assert first.model_path == tiny_x4.resolve() and first.rung is gpu.Rung.ON_DEVICE
     # The residency knows what the weights take (a .pth counts as fp32): it can make
     # room for them, or park them for another role's model.
     assert first.need.total == tiny_x4.stat().st_size
 
     other = tiny_model_file(tmp_path / "other_x4.pth")
-    outcome, _ = run_upscale(tmp_path / "c", "photo.png", rgba16, model_path=other)
+    outcome, _ = run_upscale(tmp_path / "c", "photo.png", rgba16, model_path=other,
+                             gpu_state=gpu_state)
     assert outcome.status == "done", outcome.error
     assert first.model is None  # evicted before the other file loaded
-    assert gpu.RESIDENT.get(upscale.ROLE).model_path == other.resolve()
-    gpu.release_memory()  # what a command kind with its own models asks for
-    assert gpu.RESIDENT.get(upscale.ROLE) is None
+    assert gpu_state.resident.get(upscale.ROLE).model_path == other.resolve()
+    gpu.release_memory(gpu_state.resident)  # what a command kind with its own models asks for
+    assert gpu_state.resident.get(upscale.ROLE) is None
 
 
 def test_half_precision_falls_back_to_what_the_architecture_runs():

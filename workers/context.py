@@ -1,5 +1,6 @@
 """What a pipeline sees of the job it runs: spec, directory, config, progress,
-cancellation, stage timings, warnings and a per-job log."""
+cancellation, stage timings, warnings, a per-job log, and the GPU state of the process
+running it (its resident models and health counter, ``gpu``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.jobs import JobSpec
 from daemon.logs import get_logger
+from workers.gpu import GpuState
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -43,6 +45,9 @@ class JobContext:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # Owned by the process running the job (the worker, ``reelqueue run``) and kept from
+    # job to job there; a context made without one gets a fresh state of its own.
+    gpu: GpuState = field(default_factory=GpuState)
 
     def __post_init__(self) -> None:
         self._log = get_logger(job_id=self.spec.id, kind=self.spec.kind)

@@ -8,13 +8,16 @@ memory ladder, the models kept resident between jobs, and a health counter.
   this worker may use; the fastest rung that fits wins: all on the GPU, model CPU
   offload, group offload (block level, on a side stream), sequential offload. A CUDA
   out-of-memory error frees the model, steps one rung down and the caller retries.
-- ``RESIDENT`` keeps models loaded between jobs, one per role ("video", "storyboard",
+- ``Residency`` keeps models loaded between jobs, one per role ("video", "storyboard",
   "caption", "upscale", …): every built-in kind that loads weights goes through it, so
   it sees all they hold on the GPU. A job on a resident model spends no time loading; a
   new model for a role evicts the old one first; a model in another role is moved off
   the GPU ("parked" in host memory) only when the one about to run needs the room.
-- ``HEALTH`` counts GPU failures in a row; after a few the worker should stop taking
+- ``GpuHealth`` counts GPU failures in a row; after a few the worker should stop taking
   jobs rather than fail every job in the queue.
+- ``GpuState`` is the two of them for one process: the process that owns the GPU (the
+  worker, or ``reelqueue run`` for its one job) makes it with ``GpuState.for_process``
+  and hands it to every job (``JobContext.gpu``). Importing this module changes nothing.
 
 Nothing here imports torch until it is needed: the weights-free job kinds run without it.
 """
@@ -29,7 +32,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -65,13 +68,13 @@ def device_name() -> str:
     return "cpu"
 
 
-def release_memory() -> None:
+def release_memory(resident: Residency) -> None:
     """Free what this process holds on the GPU, before another program needs the card:
     the resident models too.
 
     Does nothing (and imports nothing) when torch was never loaded here.
     """
-    RESIDENT.evict()
+    resident.evict()
     empty_cache()
 
 
@@ -531,7 +534,7 @@ class GpuOutOfMemory(JobError):
 @dataclass
 class ModelWith:
     """A model and what goes with it (a tokenizer, a processor, its scale), kept resident
-    as one: ``RESIDENT`` parks it with ``to``, which moves the model alone."""
+    as one: ``Residency`` parks it with ``to``, which moves the model alone."""
 
     model: Any
 
@@ -700,9 +703,6 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip(": ")
 
 
-RESIDENT = Residency()
-
-
 # --- health ------------------------------------------------------------------------------
 
 
@@ -713,11 +713,11 @@ class GpuHealth:
         try:
             run the job
         except Exception as exc:
-            gpu.HEALTH.record_failure(exc)
+            health.record_failure(exc)
         else:
-            gpu.HEALTH.record_success()
-        if gpu.HEALTH.should_stop:
-            log and stop the worker with gpu.HEALTH.reason
+            health.record_success()
+        if health.should_stop:
+            log and stop the worker with health.reason
     """
 
     def __init__(self, limit: int = 3):
@@ -750,7 +750,29 @@ class GpuHealth:
                 "the worker")
 
 
-HEALTH = GpuHealth(limit=int(os.environ.get("REELQUEUE_GPU_FAILURE_LIMIT", "3")))
+FAILURE_LIMIT_ENV = "REELQUEUE_GPU_FAILURE_LIMIT"
+HF_OFFLINE_ENV = "HF_HUB_OFFLINE"
+
+
+@dataclass
+class GpuState:
+    """What a process keeps of the GPU from one job to the next: the models kept resident
+    and the health counter. The process that owns the GPU makes one (``for_process``) and
+    hands it to each job it runs through ``JobContext.gpu``; a bare ``GpuState()`` is a
+    fresh one (tests, a job run on its own)."""
+
+    resident: Residency = field(default_factory=Residency)
+    health: GpuHealth = field(default_factory=GpuHealth)
+
+    @classmethod
+    def for_process(cls, environ: MutableMapping[str, str] | None = None) -> GpuState:
+        """The state of a process that is about to run jobs (the worker at its start,
+        ``reelqueue run`` for its job): reads ``REELQUEUE_GPU_FAILURE_LIMIT`` and sets
+        ``HF_HUB_OFFLINE=1`` (unless set) before any model library is imported, since
+        weights are only ever read from local folders."""
+        environ = os.environ if environ is None else environ
+        environ.setdefault(HF_OFFLINE_ENV, "1")
+        return cls(health=GpuHealth(limit=int(environ.get(FAILURE_LIMIT_ENV, "3"))))
 
 
 # --- queue preference ------------------------------------------------------------------

@@ -50,13 +50,20 @@ def run_job_sync(
     cancellation: Cancellation | None = None,
     queue_wait_s: float | None = None,
     job_timeout_s: float | None = None,
+    gpu_state: gpu.GpuState | None = None,
 ) -> JobOutcome:
     """Run ``spec`` in its job directory and return (and record) its outcome.
+
+    ``gpu_state`` is the GPU state of the calling process, kept from job to job (the
+    worker's); without one this call is the process's only job (``reelqueue run``) and
+    makes its own with ``GpuState.for_process``.
 
     Raises ``Interrupted`` when a worker shutdown stopped it: the job keeps its
     finished stage outputs and runs again on the next start.
     """
     cancellation = cancellation or Cancellation()
+    if gpu_state is None:
+        gpu_state = gpu.GpuState.for_process()
     directory = job_dir(config.jobs_dir, spec.id)
     job = JobContext(
         spec=spec,
@@ -65,6 +72,7 @@ def run_job_sync(
         on_progress=on_progress or (lambda stage, percent, message: None),
         cancel_event=cancellation.event,
         queue_wait_s=queue_wait_s,
+        gpu=gpu_state,
     )
     try:
         # Inside the try: on a full disk even this fails, and the job must fail visibly.
@@ -74,7 +82,7 @@ def run_job_sync(
         result = (kinds or kind_registry(config)).get(spec.kind).run(job)
         outcome = JobOutcome(JobStatus.done, primary=result.primary, reports=result.reports,
                              extras=result.extras)
-        gpu.HEALTH.record_success()
+        gpu_state.health.record_success()
     except JobCancelled:
         if cancellation.reason == Cancellation.SHUTDOWN:
             job.log("job interrupted by shutdown; it will run again")
@@ -89,7 +97,7 @@ def run_job_sync(
         else:
             outcome = JobOutcome(JobStatus.cancelled, error="cancelled by request")
     except Exception as exc:  # the request, a bug or the environment: the worker lives on
-        gpu.HEALTH.record_failure(exc)
+        gpu_state.health.record_failure(exc)
         outcome = JobOutcome(JobStatus.failed, error=_reason(exc, job, directory))
     job.log("job finished", status=outcome.status, error=outcome.error)
     try:

@@ -11,8 +11,15 @@ heartbeats, progress and cancel requests. Around arq's own bookkeeping this adds
   ``[worker] max_tries`` starts instead of crash-looping;
 - graceful stop: on SIGTERM/SIGINT the job stops at its next checkpoint (finished
   scene clips stay) and goes back to the queue for the next start;
+- the job timeout, a user's cancel and a shutdown told apart by what caused them: the
+  worker's own timer for the first (arq's timeout is only a backstop past it), arq's
+  abort and signal handling, as ``workers.arq_seam`` records them, for the others;
 - the queue policy: new jobs wait parked, and an idle worker releases the one that
   should run next (priorities, age bonus, round robin; see daemon.schedule).
+
+What the worker needs of arq's internals is in ``workers.arq_seam`` and nowhere else.
+The worker's GPU state (resident models, health counter) is made here, at the start of
+the worker process, and handed to each job (``run_job_sync(gpu_state=...)``).
 """
 
 from __future__ import annotations
@@ -28,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arq import Retry, Worker, cron, func
-from arq.constants import in_progress_key_prefix
+from arq import Retry, cron, func
 
 from daemon.config import Config
 from daemon.jobs import JobOutcome, JobSpec, JobStatus, job_dir, read_spec
@@ -47,6 +53,7 @@ from daemon.queue import (
 )
 from daemon.schedule import release_next
 from workers import gpu
+from workers.arq_seam import IN_PROGRESS_PREFIX, SeamWorker, in_progress_ttl_ms
 from workers.gpu import device_name
 from workers.runner import Cancellation, Interrupted, run_job_sync
 
@@ -55,6 +62,9 @@ CLAIM_TTL_S = 20  # a dead worker's claim on its job lapses after this
 ORPHAN_GRACE_MS = 15_000  # arq marks a job in progress a moment before we claim it
 PROGRESS_MIN_INTERVAL_S = 0.25
 DISK_RETRY_S = 60  # a job held for disk space is looked at again after this
+# The worker stops a job at [worker] job_timeout itself; arq's own timeout, this much
+# later, is only a backstop for a job that does not stop.
+TIMEOUT_BACKSTOP_S = 120.0
 
 log = get_logger(component="worker")
 
@@ -63,6 +73,7 @@ log = get_logger(component="worker")
 class WorkerState:
     config: Config
     name: str
+    gpu: gpu.GpuState = field(default_factory=gpu.GpuState)  # made at the process start
     queue: QueueClient = None  # type: ignore[assignment]  # set at startup from arq's pool
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     device: str = "cpu"
@@ -78,8 +89,11 @@ class WorkerState:
 
     @property
     def in_progress_ttl_ms(self) -> int:
-        # arq sets its in-progress marker to live job_timeout + 10 s.
-        return int((self.config.worker.job_timeout + 10) * 1000)
+        return in_progress_ttl_ms(arq_job_timeout(self.config))
+
+
+def arq_job_timeout(config: Config) -> float:
+    return config.worker.job_timeout + TIMEOUT_BACKSTOP_S
 
 
 def default_worker_name() -> str:
@@ -99,7 +113,7 @@ async def _beat(state: WorkerState) -> None:
         "stage": state.current_stage,
         "vram_used": vram[0] if vram else None,
         "vram_total": vram[1] if vram else None,
-        "stopped": gpu.HEALTH.reason or None,
+        "stopped": state.gpu.health.reason or None,
         "paused": state.paused or None,
         "ts": time.time(),
     }
@@ -112,8 +126,8 @@ async def recover_orphans(state: WorkerState) -> list[str]:
     """Hand back jobs that arq still marks in progress but whose worker is gone."""
     redis = state.queue.redis
     recovered = []
-    for key in await redis.keys(in_progress_key_prefix + "*"):
-        job_id = key.decode().removeprefix(in_progress_key_prefix)
+    for key in await redis.keys(IN_PROGRESS_PREFIX + "*"):
+        job_id = key.decode().removeprefix(IN_PROGRESS_PREFIX)
         owner = await redis.get(running_key(job_id))
         if owner:
             name, _, instance = owner.decode().partition("|")
@@ -138,7 +152,7 @@ async def _heartbeat_loop(state: WorkerState) -> None:
             if state.arq_worker is not None:
                 # A paused worker finishes its job and takes no new one; so does one whose
                 # GPU keeps failing.
-                state.arq_worker.allow_pick_jobs = not paused and not gpu.HEALTH.should_stop
+                state.arq_worker.take_jobs(not paused and not state.gpu.health.should_stop)
             await _beat(state)
             await recover_orphans(state)
         except Exception as exc:  # Redis restarting: keep beating once it is back
@@ -239,22 +253,24 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
     cancellation = Cancellation()
     loop = asyncio.get_running_loop()
     job_timeout = config.worker.job_timeout
+
+    def time_is_up() -> None:
+        if not cancellation.event.is_set():
+            bound.info("stopping job", reason=Cancellation.TIMEOUT)
+        cancellation.set(Cancellation.TIMEOUT)
+
+    timer = loop.call_later(job_timeout, time_is_up)
     work = asyncio.ensure_future(asyncio.to_thread(
         run_job_sync, spec, config,
         on_progress=_progress_publisher(state, job_id, loop),
         cancellation=cancellation, queue_wait_s=queue_wait, job_timeout_s=job_timeout,
+        gpu_state=state.gpu,
     ))
     try:
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
-            # arq cancelled us: a user's abort, the job timeout, or a worker shutdown.
-            if state.arq_worker and job_id in state.arq_worker.aborting_tasks:
-                cancellation.set(Cancellation.USER)
-            elif time.time() - started >= job_timeout * 0.99:
-                cancellation.set(Cancellation.TIMEOUT)
-            else:
-                cancellation.set(Cancellation.SHUTDOWN)
+            cancellation.set(stop_cause(state, job_id))
             bound.info("stopping job", reason=cancellation.reason)
             try:
                 outcome = await _wait_uncancellable(work)
@@ -271,15 +287,28 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         await queue.finish(job_id, outcome.status, outcome.error)
         await redis.delete(attempts_key(job_id))
         bound.info("job finished", status=outcome.status, error=outcome.error)
-        if gpu.HEALTH.should_stop and state.arq_worker is not None:
+        if state.gpu.health.should_stop and state.arq_worker is not None:
             # Failing every queued job on a broken card helps nobody: stop taking jobs,
             # stay up to say why (heartbeat, status, /healthz), keep the queue intact.
-            state.arq_worker.allow_pick_jobs = False
-            bound.error("worker stopped taking jobs", reason=gpu.HEALTH.reason)
+            state.arq_worker.take_jobs(False)
+            bound.error("worker stopped taking jobs", reason=state.gpu.health.reason)
         return {"status": outcome.status}
     finally:
+        timer.cancel()
         await redis.delete(running_key(job_id))
         state.current_job, state.current_stage = None, ""
+
+
+def stop_cause(state: WorkerState, job_id: str) -> str:
+    """Why arq cancelled the running job, by what happened, not by how long it ran: a
+    user's abort, else a worker shutdown, else arq's own job timeout (the backstop past
+    the worker's timer, which stops the job without cancelling anything)."""
+    worker = state.arq_worker
+    if worker is not None and worker.abort_requested(job_id):
+        return Cancellation.USER
+    if worker is not None and worker.stopping:
+        return Cancellation.SHUTDOWN
+    return Cancellation.TIMEOUT
 
 
 async def _wait_uncancellable(work: asyncio.Future[JobOutcome]) -> JobOutcome:
@@ -323,11 +352,11 @@ def low_disk_space(config: Config, spec: JobSpec) -> str:
     return ""
 
 
-class PolicyWorker(Worker):
+class PolicyWorker(SeamWorker):
     """arq's worker, releasing the next parked job whenever it is about to look for one.
 
-    Hooks arq's poll step (``_poll_iteration``, arq is pinned in constraints.txt) so a
-    released job is started in the same breath, without a second polling loop.
+    ``before_poll`` runs in arq's poll step (workers.arq_seam), so a released job is
+    started in the same breath, without a second polling loop.
     """
 
     def __init__(self, *args: Any, interactive_lead_s: float, **kwargs: Any):
@@ -338,24 +367,24 @@ class PolicyWorker(Worker):
     def hold_releases(self, seconds: float) -> None:
         self._releases_held_until = time.monotonic() + seconds
 
-    async def _poll_iteration(self) -> None:
-        if self.allow_pick_jobs and self.job_counter < self.max_jobs \
-                and time.monotonic() >= self._releases_held_until:
+    async def before_poll(self) -> None:
+        if self.idle and time.monotonic() >= self._releases_held_until:
             job_id = await release_next(self.pool, self.interactive_lead_s)
             if job_id:
                 log.debug("released the next job", job_id=job_id)
-        await super()._poll_iteration()
 
 
-def create_worker(config: Config, redis_url: str, name: str | None = None) -> Worker:
-    """Build the arq worker for ``config``; call ``.run()`` on it."""
-    state = WorkerState(config=config, name=name or config.worker.name or default_worker_name())
+def create_worker(config: Config, redis_url: str, name: str | None = None) -> PolicyWorker:
+    """Build the arq worker for ``config``; call ``.run()`` on it. This is the worker
+    process's start: its GPU state is made here (``GpuState.for_process``)."""
+    state = WorkerState(config=config, name=name or config.worker.name or default_worker_name(),
+                        gpu=gpu.GpuState.for_process())
     worker = PolicyWorker(
         functions=[func(run_job, name=RUN_FUNCTION, max_tries=10_000)],  # we count tries
         queue_name=QUEUE_NAME,
         redis_settings=redis_settings(redis_url),
         max_jobs=1,
-        job_timeout=config.worker.job_timeout,
+        job_timeout=arq_job_timeout(config),
         keep_result=config.worker.keep_results,
         allow_abort_jobs=True,
         poll_delay=0.05,  # an idle worker starts a new job within ~50 ms

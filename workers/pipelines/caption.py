@@ -26,7 +26,7 @@ from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
 
-ROLE = "caption"  # in gpu.RESIDENT
+ROLE = "caption"  # in the worker's gpu.Residency
 INPUTS = media.VIDEO_SUFFIXES
 OUTPUT_FILE = "result.caption.txt"
 SAMPLES_PER_SECOND = 4.0  # frames kept for shot detection and sampling
@@ -106,9 +106,10 @@ class Captioner(gpu.ModelWith):
     processor: Any
 
 
-def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings) -> Captioner:
-    """The captioning model, kept resident between jobs (``gpu.RESIDENT``, role
-    ``"caption"``)."""
+def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings,
+                   resident: gpu.Residency) -> Captioner:
+    """The captioning model, kept resident between jobs in ``resident`` (the worker's,
+    ``job.gpu.resident``; role ``"caption"``)."""
     if model_dir is None:
         raise JobError("no captioning model is configured: set [caption] model to a local GIT "
                        "checkpoint folder, e.g. models/git-base-vatex (install it with "
@@ -123,9 +124,9 @@ def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings) -> Capti
     # Only the on-device rung: the offload rungs place diffusers pipelines, and a GIT
     # checkpoint is a single transformers model of a few hundred MB. Other roles'
     # models are parked to make room for it instead.
-    acquired = gpu.RESIDENT.acquire(ROLE, model_dir, dtype=dtype, device=device,
-                                    settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
-                                    load=lambda rung: _load(model_dir, dtype, device))
+    acquired = resident.acquire(ROLE, model_dir, dtype=dtype, device=device,
+                                settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                load=lambda rung: _load(model_dir, dtype, device))
     return acquired.resident.model
 
 
@@ -162,7 +163,8 @@ def run(job: JobContext) -> JobResult:
 
     with job.stage("load"):
         job.progress("load", 0, "loading the captioning model")
-        captioner = load_captioner(settings.model, gpu.GpuSettings.from_config(job.config))
+        captioner = load_captioner(settings.model, gpu.GpuSettings.from_config(job.config),
+                                   job.gpu.resident)
         processor, model = captioner.processor, captioner.model
         count = getattr(model.config, "num_image_with_embedding", None) or 1
 

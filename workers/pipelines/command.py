@@ -84,7 +84,8 @@ class CommandPipeline:
         environment = {k: os.environ[k] for k in PASSED_ENVIRONMENT if k in os.environ}
         environment.update(spec.env)
         if spec.gpu:
-            gpu.release_memory()  # the command brings its own models: give it the card
+            # The command brings its own models: give it the card.
+            gpu.release_memory(job.gpu.resident)
 
         with job.stage("run"):
             exit_code = self._execute(job, argv, environment)

@@ -40,7 +40,6 @@ import importlib.util
 import inspect
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -56,9 +55,6 @@ from daemon.jobs import JobError
 from workers import gpu
 from workers.models import ModelError
 from workers.reports import human_duration
-
-# Weights are only ever read from local folders; no library may try the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROLE = "video"
 CONTINUITY_ROLE = "video-continuity"  # a separate image-to-video model
@@ -164,9 +160,11 @@ class SceneResult:
 
 
 def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: FrameSink,
-                 on_progress: ProgressCallback | None = None) -> SceneResult:
+                 on_progress: ProgressCallback | None = None, *,
+                 resident: gpu.Residency) -> SceneResult:
     """Render one scene into ``sink``: ``request.frames`` RGB uint8 frames of
-    ``request.height × request.width × 3``, in order.
+    ``request.height × request.width × 3``, in order. The models are loaded into (or
+    reused from) ``resident``, the worker's (``job.gpu.resident``).
 
     ``on_progress`` is called after every denoising step; an exception raised in it
     (a cancel) stops the scene there and comes out of here, with the model still
@@ -176,7 +174,7 @@ def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: Frame
     started = time.monotonic()
     device = gpu.pick_device(settings.device)
     dtype = gpu.pick_dtype(device)
-    run = _SceneRun(request, settings, device, dtype, on_progress)
+    run = _SceneRun(request, settings, device, dtype, on_progress, resident)
     produced = 0
     for index in range(len(run.plan)):
         native = run.generate(index)
@@ -367,8 +365,8 @@ class _SceneRun:
     """The state of one ``render_scene`` call: models, plan, timings, the frame cursor."""
 
     def __init__(self, request: SceneRequest, settings: DiffusionSettings, device: Any,
-                 dtype: Any, on_progress: ProgressCallback | None):
-        self.request, self.settings = request, settings
+                 dtype: Any, on_progress: ProgressCallback | None, resident: gpu.Residency):
+        self.request, self.settings, self.residency = request, settings, resident
         self.device, self.dtype = device, dtype
         self.on_progress = on_progress or (lambda progress: None)
         self.load_s, self.denoise_s, self.reused = 0.0, 0.0, True
@@ -428,7 +426,7 @@ class _SceneRun:
             self.text_to_video = self._acquire(ROLE, settings.model_dir)
 
     def _acquire(self, role: str, model_dir: Path, rung: gpu.Rung | None = None) -> gpu.Resident:
-        acquired = gpu.RESIDENT.acquire(
+        acquired = self.residency.acquire(
             role, model_dir, dtype=self.dtype, device=self.device, settings=self.settings.gpu,
             rung=rung or self.settings.rung,
             load=lambda rung: _load(model_dir, self.dtype, self.device, rung))
@@ -481,7 +479,7 @@ class _SceneRun:
 
     def _step_down(self, error: str) -> None:
         role = CONTINUITY_ROLE if self.uses_separate else ROLE
-        step = gpu.RESIDENT.step_down(role, error)
+        step = self.residency.step_down(role, error)
         if step is None:
             raise gpu.GpuOutOfMemory(
                 f"scene {self.request.number} does not fit in GPU memory even on the "

@@ -94,7 +94,8 @@ def render_scene(job: JobContext, board: Storyboard, scene: StoryboardScene,
         first_frame=previous.last_frame if continuing and previous else None,
         frames_after=frames_after)
     with files.atomic_path(path) as tmp, encode.clip_writer(tmp, fmt) as write:
-        result = diffusion.render_scene(request, settings, keep_thumbnail(write), on_progress)
+        result = diffusion.render_scene(request, settings, keep_thumbnail(write), on_progress,
+                                        resident=job.gpu.resident)
     job.log("rendered scene clip", scene=scene.number, clip=path.name, rung=result.rung,
             denoise_s=round(result.denoise_s, 3), load_s=round(result.load_s, 3))
     for step in result.step_downs:

@@ -18,7 +18,7 @@ earlier ones failed, and the prompt each scene will send to the video model (the
 description, the camera and the job's style line; the job's seed is the
 storyboard's and serves every scene).
 
-The model stays resident between jobs (``workers.gpu.RESIDENT``, role
+The model stays resident between jobs (in the worker's ``gpu.Residency``, role
 ``"storyboard"``); when the video model needs its VRAM it is moved off the GPU. It
 runs whole: out of GPU memory, it is unloaded and the rules planner takes over.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -50,9 +49,6 @@ from daemon.storyboard import (
 )
 from workers import gpu
 from workers.models import ModelError
-
-# Weights are only ever read from local folders; no library may try the hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROLE = "storyboard"
 PREFERRED_MIN_SCENES = 3
@@ -134,8 +130,10 @@ def video_prompt(scene: StoryboardScene, style: str) -> str:
 
 def plan_storyboard(request: PlanRequest, settings: LlmSettings,
                     on_tokens: TokenCallback | None = None,
-                    log: Callable[..., None] | None = None) -> LlmStoryboard:
-    """The storyboard for ``request`` (checked by the video pipeline already).
+                    log: Callable[..., None] | None = None, *,
+                    resident: gpu.Residency) -> LlmStoryboard:
+    """The storyboard for ``request`` (checked by the video pipeline already), the model
+    loaded into (or reused from) ``resident``, the worker's (``job.gpu.resident``).
 
     ``on_tokens(done, most)`` is called while the model writes; an exception raised in
     it (a cancel) stops the generation at the next token and comes out of here.
@@ -155,7 +153,7 @@ def plan_storyboard(request: PlanRequest, settings: LlmSettings,
     attempts: list[Attempt] = []
     board, load_s, reused = None, 0.0, False
     try:
-        acquired = _acquire(settings)
+        acquired = _acquire(settings, resident)
         load_s, reused = acquired.load_s, acquired.reused
         error = ""
         try:
@@ -166,11 +164,11 @@ def plan_storyboard(request: PlanRequest, settings: LlmSettings,
                 raise
             error = gpu.one_line(exc)
         if error:  # out of the except block: the failed call's tensors are free to go
-            gpu.RESIDENT.evict(ROLE)
+            resident.evict(ROLE)
             attempts.append(Attempt("llm", False, f"out of GPU memory ({error})", "", 0.0))
     finally:
         if not settings.keep_resident:
-            gpu.RESIDENT.evict(ROLE)
+            resident.evict(ROLE)
     for attempt in attempts:
         log("storyboard attempt", path=attempt.path, ok=attempt.ok, error=attempt.error,
             seconds=round(attempt.seconds, 2))
@@ -270,15 +268,15 @@ class ChatModel(gpu.ModelWith):
         return self.model.device
 
 
-def _acquire(settings: LlmSettings) -> gpu.Acquired:
+def _acquire(settings: LlmSettings, resident: gpu.Residency) -> gpu.Acquired:
     device = gpu.pick_device(settings.device)
     dtype = gpu.pick_dtype(device)
     # The storyboard model runs whole: other roles' models are parked to make room for
     # it, and if it still does not fit, the rules planner is a better storyboard writer
     # than a model offloaded layer by layer for every one of a thousand tokens.
-    return gpu.RESIDENT.acquire(ROLE, settings.model_dir, dtype=dtype, device=device,
-                                settings=settings.gpu, rungs=(gpu.Rung.ON_DEVICE,),
-                                load=lambda rung: _load(settings.model_dir, dtype, device))
+    return resident.acquire(ROLE, settings.model_dir, dtype=dtype, device=device,
+                            settings=settings.gpu, rungs=(gpu.Rung.ON_DEVICE,),
+                            load=lambda rung: _load(settings.model_dir, dtype, device))
 
 
 def _load(model_dir: Path, dtype: Any, device: Any) -> ChatModel:

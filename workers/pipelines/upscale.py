@@ -28,7 +28,7 @@ from workers.context import JobContext, JobResult
 from workers.pipelines import encode
 from workers.tiling import TilingReport, upscale_tiled
 
-ROLE = "upscale"  # in gpu.RESIDENT
+ROLE = "upscale"  # in the worker's gpu.Residency
 INPUTS = media.IMAGE_SUFFIXES + media.VIDEO_SUFFIXES
 IMAGE_OUTPUT = "result.upscaled.png"
 VIDEO_OUTPUT = "result.upscaled.mp4"
@@ -57,9 +57,10 @@ class Upscaler(gpu.ModelWith):
     dtype: Any
 
 
-def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettings) -> Upscaler:
-    """The model of ``[upscale] model``, kept resident between jobs (``gpu.RESIDENT``,
-    role ``"upscale"``)."""
+def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettings,
+                  resident: gpu.Residency) -> Upscaler:
+    """The model of ``[upscale] model``, kept resident between jobs in ``resident`` (the
+    worker's, ``job.gpu.resident``; role ``"upscale"``)."""
     import torch
 
     path = settings.model
@@ -74,9 +75,9 @@ def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettin
     # Only the on-device rung: the offload rungs place diffusers pipelines, an ESRGAN
     # network is a few tens of MB, and tiled inference already bounds what it needs
     # beyond its weights. Other roles' models are parked to make room for it instead.
-    acquired = gpu.RESIDENT.acquire(ROLE, path, dtype=dtype, device=device,
-                                    settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
-                                    load=lambda rung: _load(path, dtype, device))
+    acquired = resident.acquire(ROLE, path, dtype=dtype, device=device,
+                                settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                load=lambda rung: _load(path, dtype, device))
     return acquired.resident.model
 
 
@@ -166,7 +167,8 @@ def run(job: JobContext) -> JobResult:
     with job.stage("load"):
         job.progress("load", 0, "loading the model")
         half = settings.half if options.half is None else options.half
-        upscaler = load_upscaler(settings, half, gpu.GpuSettings.from_config(job.config))
+        upscaler = load_upscaler(settings, half, gpu.GpuSettings.from_config(job.config),
+                                 job.gpu.resident)
         model, scale, dtype = upscaler.model, upscaler.scale, upscaler.dtype
     tile = options.tile or settings.tile
 

@@ -187,7 +187,7 @@ def _plan(job: JobContext, options: Options, fmt: encode.VideoFormat
                 model_dir=models.require(job.config.models.dir, settings.model),
                 constrained=settings.constrained, gpu=gpu.GpuSettings.from_config(job.config))
             made = llm_storyboard.plan_storyboard(
-                request, llm, log=job.log,
+                request, llm, log=job.log, resident=job.gpu.resident,
                 on_tokens=lambda done, most: job.progress(
                     "plan", 5 * done / max(most, 1), "writing the storyboard"))
             written.update(made.report())

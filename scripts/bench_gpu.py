@@ -41,6 +41,8 @@ from tests import tiny_models  # noqa: E402
 from workers import gpu  # noqa: E402
 from workers.pipelines import diffusion  # noqa: E402
 
+# The bench is its own process: it owns the GPU's resident models, as a worker does.
+RESIDENCY = gpu.Residency()
 PROMPT = ("A red fox runs through deep snow at sunset, its breath steaming. Wide shot. "
           "Style: cinematic, soft light.")
 
@@ -146,7 +148,8 @@ def render(scene: diffusion.SceneRequest, settings: diffusion.DiffusionSettings
     synchronized()
     started = time.monotonic()
     with monitor:
-        result = diffusion.render_scene(scene, settings, lambda frame: None)
+        result = diffusion.render_scene(scene, settings, lambda frame: None,
+                                        resident=RESIDENCY)
     synchronized()
     return result, time.monotonic() - started, monitor
 
@@ -154,7 +157,7 @@ def render(scene: diffusion.SceneRequest, settings: diffusion.DiffusionSettings
 def raw_call(settings: diffusion.DiffusionSettings, scene: diffusion.SceneRequest,
              result: diffusion.SceneResult) -> float:
     """The resident pipeline called directly with the arguments the render path used."""
-    pipe = gpu.RESIDENT.get(diffusion.ROLE).model
+    pipe = RESIDENCY.get(diffusion.ROLE).model
     rules = diffusion.family_rules(pipe)
     arguments = {
         "prompt": scene.prompt, "negative_prompt": settings.negative_prompt,
@@ -190,7 +193,7 @@ def peak_note(monitor: gpu.VramMonitor, before: int) -> tuple[str, int]:
 def bench_model(name: str, model_dir: Path, native_fps: int,
                 args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()
     settings = diffusion.DiffusionSettings(model_dir=model_dir, steps=args.steps,
                                            device=args.device)
     scene = diffusion.SceneRequest(number=1, scenes=1, prompt=PROMPT, frames=args.frames,
@@ -226,7 +229,7 @@ def bench_model(name: str, model_dir: Path, native_fps: int,
     for rung in args.rungs:
         if rung not in gpu.ladder_for(gpu.pick_device(args.device)):
             continue
-        gpu.RESIDENT.evict()
+        RESIDENCY.evict()
         before = baseline_used()
         result, seconds, monitor = render(scene, _with(rung_settings, rung=rung))
         peak, _ = peak_note(monitor, before)
@@ -235,7 +238,7 @@ def bench_model(name: str, model_dir: Path, native_fps: int,
                         f"{result.load_s:.1f} s"))
 
     if args.budget_gb and torch.cuda.is_available():
-        gpu.RESIDENT.evict()
+        RESIDENCY.evict()
         before = baseline_used()
         budget = gpu.GpuSettings(vram_budget_gb=args.budget_gb)
         result, seconds, monitor = render(scene, _with(rung_settings, gpu=budget))
@@ -245,7 +248,7 @@ def bench_model(name: str, model_dir: Path, native_fps: int,
         rows.append(Row(name, f"budget {args.budget_gb:g} GB", f"{result.rung}: {peak}",
                         f"target < {args.budget_gb:g} GB" + (" ✓" if ok else " ✗")
                         + f"; step downs {len(result.step_downs)}"))
-    gpu.RESIDENT.evict()
+    RESIDENCY.evict()
     return rows
 
 

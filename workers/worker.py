@@ -39,6 +39,7 @@ from arq import Retry, cron, func
 
 from daemon.config import Config
 from daemon.jobs import JobOutcome, JobSpec, JobStatus, job_dir, read_spec
+from daemon.kinds import KindRegistry
 from daemon.logs import get_logger
 from daemon.queue import (
     CHAT_OUTBOX_KEY,
@@ -55,6 +56,7 @@ from daemon.schedule import release_next
 from workers import gpu
 from workers.arq_seam import IN_PROGRESS_PREFIX, SeamWorker, in_progress_ttl_ms
 from workers.gpu import device_name
+from workers.pipelines import kind_registry
 from workers.runner import Cancellation, Interrupted, run_job_sync
 
 HEARTBEAT_S = 3.0
@@ -74,6 +76,7 @@ class WorkerState:
     config: Config
     name: str
     gpu: gpu.GpuState = field(default_factory=gpu.GpuState)  # made at the process start
+    kinds: KindRegistry = field(default_factory=kind_registry)  # likewise, from the config
     queue: QueueClient = None  # type: ignore[assignment]  # set at startup from arq's pool
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     device: str = "cpu"
@@ -264,7 +267,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> dict[str, str]:
         run_job_sync, spec, config,
         on_progress=_progress_publisher(state, job_id, loop),
         cancellation=cancellation, queue_wait_s=queue_wait, job_timeout_s=job_timeout,
-        gpu_state=state.gpu,
+        gpu_state=state.gpu, kinds=state.kinds,
     ))
     try:
         try:
@@ -376,9 +379,10 @@ class PolicyWorker(SeamWorker):
 
 def create_worker(config: Config, redis_url: str, name: str | None = None) -> PolicyWorker:
     """Build the arq worker for ``config``; call ``.run()`` on it. This is the worker
-    process's start: its GPU state is made here (``GpuState.for_process``)."""
+    process's start: its GPU state (``GpuState.for_process``) and its job kinds are made
+    here."""
     state = WorkerState(config=config, name=name or config.worker.name or default_worker_name(),
-                        gpu=gpu.GpuState.for_process())
+                        gpu=gpu.GpuState.for_process(), kinds=kind_registry(config))
     worker = PolicyWorker(
         functions=[func(run_job, name=RUN_FUNCTION, max_tries=10_000)],  # we count tries
         queue_name=QUEUE_NAME,

@@ -405,13 +405,34 @@ class PostConfig(_Section):
     max_mb: MaxMegabytes = 0
 
 
+class PostTarget(_Section):
+    channel: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")  # a channel that can post
+    to: str  # where, in that channel's terms: a chat id for chat
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _id_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class DigestConfig(_Section):
     enabled: bool = False
     at: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     window: Duration = Field(default=86400.0, gt=0)
     out_dir: Path | None = None
-    # With the chat channel on, the digest's summary is also posted to this chat; 0: none.
-    chat_id: int = 0
+    # The summary is also posted to each of these, e.g. [{channel = "chat", to = "-100123"}].
+    post: list[PostTarget] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_id(cls, data: Any) -> Any:
+        # Before channels could post, the one target was [digest] chat_id: still read.
+        if isinstance(data, dict) and "chat_id" in data:
+            data = dict(data)
+            chat_id = data.pop("chat_id")
+            if chat_id:
+                data["post"] = [*data.get("post", []), {"channel": "chat", "to": chat_id}]
+        return data
 
     @property
     def hour_minute(self) -> tuple[int, int]:

@@ -13,7 +13,7 @@ Keys (all under ``reelqueue:``):
 - ``worker:<name>``     JSON heartbeat of a live worker (expires when it dies)
 - ``running:<id>``      which worker runs a job (expires when that worker dies)
 - ``attempts:<id>``     how many times a job was started and not cleanly handed back
-- ``chat:outbox``       messages for the chat bot to post (the morning digest), durable
+- ``<channel>:outbox``  messages for a channel to post (the morning digest): daemon.outbox
 - ``deliveries``        list of job ids whose outcome awaits delivery to its channel
 - ``deliveries:active`` the ones a daemon is delivering right now (reliable-queue pattern)
 - ``served``            per class and submitter, the turn it was last served (round robin)
@@ -46,7 +46,6 @@ RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
 WORKERS_KEY = PREFIX + "workers"
 PAUSED_KEY = PREFIX + "paused"
-CHAT_OUTBOX_KEY = PREFIX + "chat:outbox"
 DELIVERIES_KEY = PREFIX + "deliveries"
 DELIVERIES_ACTIVE_KEY = PREFIX + "deliveries:active"
 # An overnight backlog must never expire: arq's default is one day.

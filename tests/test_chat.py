@@ -765,22 +765,20 @@ def test_end_to_end_an_outage_and_a_killed_daemon_deliver_exactly_once(tmp_path,
 
 async def test_the_morning_digest_summary_is_posted_once_even_through_an_outage(
         make_chat, bot_api):
-    import json as json_module
-
-    from daemon.queue import CHAT_OUTBOX_KEY
+    from daemon import outbox
 
     chat = await make_chat()
     bot_api.go_down()
     summary = "Last 24 h: 12 jobs, 11 done, 1 failed <see the digest>"
-    await chat.redis.lpush(CHAT_OUTBOX_KEY, json_module.dumps(
-        {"chat_id": GROUP, "text": summary}))
+    await outbox.leave(chat.redis, "chat", str(GROUP), summary)
+    key = outbox.outbox_key("chat")
     await asyncio.sleep(2)  # it is tried, fails, and waits in Redis
     assert not bot_api.sent("sendMessage", chat_id=GROUP)
-    assert await chat.redis.llen(CHAT_OUTBOX_KEY) == 1
+    assert await chat.redis.llen(key) == 1
     bot_api.come_back()
     posted = await bot_api.until("sendMessage", timeout=20, chat_id=GROUP)
     assert posted[0].params["text"] == summary.replace("<", "&lt;").replace(">", "&gt;")
     await asyncio.sleep(1.5)
     assert len(bot_api.sent("sendMessage", chat_id=GROUP)) == 1
-    assert await chat.redis.llen(CHAT_OUTBOX_KEY) == 0
-    assert await chat.redis.llen(CHAT_OUTBOX_KEY + ":active") == 0
+    assert await chat.redis.llen(key) == 0
+    assert await chat.redis.llen(key + ":active") == 0

@@ -146,20 +146,24 @@ async def test_the_morning_cron_job_writes_the_window(config, tmp_path) -> None:
     assert create_worker(config, "redis://127.0.0.1:1/0", name="w").cron_jobs == []
 
 
-async def test_with_the_chat_on_the_summary_goes_to_the_bot_outbox(tmp_path, redis_url):
-    from daemon.config import ChatIntakeConfig, IntakeConfig, RedisConfig
-    from daemon.queue import CHAT_OUTBOX_KEY, QueueClient
+async def test_the_summary_goes_to_each_channel_outbox_named(tmp_path, redis_url):
+    from daemon import outbox
+    from daemon.config import RedisConfig
+    from daemon.queue import QueueClient
 
+    # chat_id, the older form, still means "post to that chat".
     config = Config(state=StateConfig(dir=tmp_path / "var"), redis=RedisConfig(url=redis_url),
-                    intake=IntakeConfig(chat=ChatIntakeConfig(enabled=True)),
-                    digest=DigestConfig(enabled=True, chat_id=-100123, out_dir=tmp_path / "d"))
+                    digest=DigestConfig.model_validate({
+                        "enabled": True, "chat_id": -100123, "out_dir": tmp_path / "d",
+                        "post": [{"channel": "line", "to": "night-desk"}]}))
     make_job(config.jobs_dir, "failedjob", JobStatus.failed, 1, error="the GPU fell over")
     worker = create_worker(config, redis_url, name="w")
     state = worker.ctx["reelqueue"]
     state.queue = await QueueClient.open(redis_url)
     try:
         written = await write_morning_digest({"reelqueue": state})
-        [raw] = await state.queue.redis.lrange(CHAT_OUTBOX_KEY, 0, -1)
-        assert json.loads(raw) == {"chat_id": -100123, "text": written["summary"]}
+        for channel, to in (("chat", "-100123"), ("line", "night-desk")):
+            [raw] = await state.queue.redis.lrange(outbox.outbox_key(channel), 0, -1)
+            assert json.loads(raw) == {"to": to, "text": written["summary"]}
     finally:
         await state.queue.close()

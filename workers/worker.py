@@ -37,12 +37,12 @@ from typing import Any
 
 from arq import Retry, cron, func
 
+from daemon import outbox
 from daemon.config import Config
 from daemon.jobs import JobOutcome, JobSpec, JobStatus, job_dir, read_spec
 from daemon.kinds import KindRegistry
 from daemon.logs import get_logger
 from daemon.queue import (
-    CHAT_OUTBOX_KEY,
     QUEUE_NAME,
     RUN_FUNCTION,
     WORKERS_KEY,
@@ -332,11 +332,9 @@ async def write_morning_digest(ctx: dict[str, Any]) -> dict[str, str]:
     state: WorkerState = ctx["reelqueue"]
     written = await asyncio.to_thread(digest.write_for_window, state.config)
     log.info("digest written", html=written["html"], jobs=len(written["jobs"]))
-    config = state.config
-    if config.intake.chat.enabled and config.digest.chat_id:
-        # The bot lives in the daemon: hand it the summary through a durable outbox.
-        await state.queue.redis.lpush(CHAT_OUTBOX_KEY, json.dumps(
-            {"chat_id": config.digest.chat_id, "text": written["summary"]}))
+    # The channels live in the daemon: hand each the summary through its durable outbox.
+    for target in state.config.digest.post:
+        await outbox.leave(state.queue.redis, target.channel, target.to, written["summary"])
     return {"html": written["html"], "summary": written["summary"]}
 
 

@@ -36,12 +36,13 @@ from telegram.warnings import PTBDeprecationWarning
 from daemon.config import Config
 from daemon.jobs import Channel, JobOutcome, JobSpec
 from daemon.logs import get_logger
+from daemon.outbox import Outbox
 from daemon.submit import Submitter
 from intake.telegram import texts
 from intake.telegram.asks import Ask, reply, reply_to
 from intake.telegram.commands import Commands
 from intake.telegram.delivery import UPLOAD_TIMEOUT_S, ChatUnavailable, Delivery
-from intake.telegram.outbox import ChatOutbox
+from intake.telegram.outbox import chat_outbox
 from intake.telegram.progress import PREFIX, ProgressMessages
 from intake.telegram.submitting import Submissions, attachment_of
 
@@ -82,7 +83,7 @@ class ChatIntake:
     submissions: Submissions
     commands: Commands
     delivery: Delivery
-    outbox: ChatOutbox
+    outbox: Outbox
 
     def __init__(self, config: Config, submitter: Submitter):
         self.config = config
@@ -106,7 +107,7 @@ class ChatIntake:
         self.commands = Commands(config, submitter, bot, self.submissions, self.kinds)
         self.delivery = Delivery(config, bot, self.progress, self.ready, self.redact,
                                  upload_limit)
-        self.outbox = ChatOutbox(self.redis, bot, self.redact)
+        self.outbox = chat_outbox(self.redis, bot, self.redact)
 
     def _build_application(self, token: str) -> Application:
         app = (
@@ -187,7 +188,7 @@ class ChatIntake:
                         "edited further (their last word still comes)", error=str(exc))
         self._tasks += [asyncio.create_task(self.progress.watch_events()),
                         asyncio.create_task(self.progress.keep_current()),
-                        asyncio.create_task(self.outbox.send_forever())]
+                        asyncio.create_task(self.outbox.post_forever())]
         self.ready.set()
         log.info("chat bot connected", username=self.app.bot.username,
                  base_url=self.chat.base_url, users=len(self.chat.allowed_user_ids),

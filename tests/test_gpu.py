@@ -264,7 +264,7 @@ def test_the_owning_process_makes_its_gpu_state_once():
 def test_each_job_gets_the_workers_state_and_a_one_off_run_its_own(tmp_path, monkeypatch):
     from daemon.config import Config, StateConfig
     from daemon.jobs import JobSpec, Source, new_job_id, write_spec
-    from workers import pipelines
+    from daemon.kinds import KindRegistry
     from workers.runner import run_job_sync
 
     config = Config(state=StateConfig(dir=tmp_path / "var"))
@@ -275,15 +275,15 @@ def test_each_job_gets_the_workers_state_and_a_one_off_run_its_own(tmp_path, mon
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     kind = type("Kind", (), {"run": staticmethod(run)})
-    monkeypatch.setattr(pipelines, "load", lambda name: kind)  # any kind will do
+    kinds = KindRegistry({"video": lambda: kind})  # any kind will do
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a one-off run sets it
     state = gpu.GpuState(health=gpu.GpuHealth(limit=2))
     for _ in range(2):
         spec = JobSpec(id=new_job_id(), kind="video", prompt="a fox",
                        source=Source(channel="cli"))
         write_spec(config.jobs_dir, spec)
-        assert run_job_sync(spec, config, gpu_state=state).status == "failed"
-    run_job_sync(spec, config)  # ``reelqueue run``: the process's only job
+        assert run_job_sync(spec, config, gpu_state=state, kinds=kinds).status == "failed"
+    run_job_sync(spec, config, kinds=kinds)  # ``reelqueue run``: the process's only job
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert seen[0] is state and seen[1] is state and seen[2] is not state
     assert state.health.should_stop and not seen[2].health.failures[1:]

@@ -49,7 +49,8 @@ def kind_registry(config: Config | None = None) -> KindRegistry:
     added |= {f"plugins.kinds.{name}": (name, partial(importlib.import_module, module))
               for name, module in (config.plugins.kinds if config else {}).items()}
     for key, (name, loader) in added.items():
-        problem = (f"clashes with the kind {name!r}" if name in loaders else
+        problem = (f"clashes with the built-in kind {name!r}" if name in BUILT_IN else
+                   f"clashes with the kind {name!r}" if name in loaders else
                    None if _KIND_NAME.fullmatch(name) else
                    "a kind name is lowercase letters, digits and _")
         if problem:

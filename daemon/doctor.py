@@ -388,16 +388,19 @@ def _torch_gpu_findings() -> list[Finding]:
 
 
 def check_models(config: Config) -> list[Finding]:
-    """Configured model paths exist; models listed in a manifest.json beside them match
-    their recorded SHA-256 (``workers.models``, hashes cached by size and mtime)."""
-    configured = {key: path for key, path in (("upscale", config.upscale.model),
-                                             ("caption", config.caption.model)) if path}
+    """The models each job kind needs under this config (its own declaration) exist;
+    models listed in a manifest.json beside them match their recorded SHA-256
+    (``workers.models``, hashes cached by size and mtime)."""
+    from workers import models
+    from workers.pipelines import kind_registry
+
+    configured = kind_registry(config).models(config)
     findings = [Finding(Level.WARN, "models",
-                        f"[{key}] model = {path} does not exist: {key} jobs fail until it does",
+                        f"{setting} = {path} does not exist: {kind} jobs fail until it does",
                         "copy the model there, or fetch it on a machine with hub access with "
                         "scripts/fetch_models.py")
-                for key, path in configured.items() if not path.exists()]
-    manifest_dirs = sorted({path.parent for path in configured.values()
+                for setting, (kind, path) in configured.items() if not path.exists()]
+    manifest_dirs = sorted({path.parent for _, path in configured.values()
                             if (path.parent / "manifest.json").is_file()})
     if not manifest_dirs:
         if configured:
@@ -410,18 +413,13 @@ def check_models(config: Config) -> list[Finding]:
             findings.append(Finding(Level.INFO, "models", "no model configured (the animatic "
                                                           "backend needs none)"))
         return findings
-    try:
-        models = importlib.import_module("workers.models")
-    except ImportError as exc:
-        return findings + [Finding(Level.INFO, "models",
-                                   f"model checksums not checked: workers.models is not "
-                                   f"available ({exc})")]
     for models_dir in manifest_dirs:
         findings += _verify_manifest(models, models_dir)
     return findings
 
 
 def _verify_manifest(models: ModuleType, models_dir: Path) -> list[Finding]:
+    """Each model the manifest lists, installed here, against its checksums."""
     findings = []
     for name in sorted(models.read_manifest(models_dir)["models"]):
         if not (models_dir / name).exists():

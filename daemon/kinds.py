@@ -10,11 +10,12 @@ A kind is loaded the first time it is asked for, so a daemon that only ever sees
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from daemon.config import Config
 from daemon.jobs import JobError, describe_validation_error, validation_problems
 
 MAX_PROMPT_CHARS = 10_000
@@ -31,6 +32,10 @@ class Kind(Protocol):
 
     def run(self, job: Any) -> Any:
         """Do the job, top to bottom (in the worker)."""
+
+    def models(self, config: Config) -> dict[str, Path]:
+        """The model files or folders it needs under ``config``, by the setting that names
+        each (``"[upscale] model"``): what the doctor checks is there and intact."""
 
 
 class KindRegistry:
@@ -54,6 +59,11 @@ class KindRegistry:
 
     def inputs(self, name: str) -> tuple[str, ...]:
         return tuple(self.get(name).INPUTS)
+
+    def models(self, config: Config) -> dict[str, tuple[str, Path]]:
+        """Every kind's models under ``config``: setting → (kind, path). Loads each kind."""
+        return {setting: (name, path) for name in self.names()
+                for setting, path in self.get(name).models(config).items()}
 
     def validate(self, kind: str, prompt: str, options: dict[str, Any],
                  inputs: list[str] | None = None,

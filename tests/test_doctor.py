@@ -271,16 +271,20 @@ def test_model_checksums(tmp_path: Path) -> None:
     assert "fetch_models.py RealESRGAN_x4plus.pth" in damaged.fix
 
 
-def test_missing_model_and_missing_models_module(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_kind_names_the_models_it_needs(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "manifest.json").write_text('{"format": 1, "models": {}}')
-    config = make_config(tmp_path, caption=f'model = "{tmp_path / "models" / "git-base"}"')
-    monkeypatch.setitem(sys.modules, "workers.models", None)  # not written yet, say
+    config = make_config(tmp_path, caption=f'model = "{tmp_path / "models" / "git-base"}"',
+                         video='backend = "diffusers"\nmodel = "Wan2.1-T2V-1.3B-Diffusers"',
+                         storyboard='backend = "llm"\nmodel = "/srv/llm/qwen"')
     findings = doctor.check_models(config)
-    assert [f.level for f in findings] == [Level.WARN, Level.INFO]
-    assert "does not exist: caption jobs fail" in findings[0].what
-    assert "workers.models is not available" in findings[1].what
+    missing = sorted(f.what for f in findings if f.level is Level.WARN)
+    assert missing == [
+        f"[caption] model = {tmp_path}/models/git-base does not exist: caption jobs fail "
+        "until it does",
+        "[storyboard] model = /srv/llm/qwen does not exist: video jobs fail until it does",
+        f"[video] model = {tmp_path}/models/Wan2.1-T2V-1.3B-Diffusers does not exist: "
+        "video jobs fail until it does",
+    ]
 
 
 # --- folders and disk ------------------------------------------------------------------

@@ -260,12 +260,16 @@ def _write_cache(models_dir: Path, cache: dict[str, list]) -> None:
 # --- resolving -------------------------------------------------------------------------------
 
 
+def located(models_dir: Path, name: str | Path) -> Path:
+    """Where model ``name`` is: a folder (or file) in ``models_dir``, or an absolute path."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else models_dir / path
+
+
 def resolve(models_dir: Path, name: str) -> Path:
     """The local path of model ``name``: a folder (or file) in ``models_dir``, or an
     absolute path. Raises ``ModelError`` with the install command when it is missing."""
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = models_dir / name
+    path = located(models_dir, name)
     if path.exists() and (path.is_file() or model_kind(path) is not None):
         return path
     if Path(name).is_absolute() or name not in CATALOGUE:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 from daemon import files
+from daemon.config import Config
 from daemon.jobs import JobError
 from workers.context import JobContext, JobResult
 
@@ -20,6 +23,10 @@ class Options(BaseModel):
 def check_request(prompt: str, options: Options) -> None:
     if not prompt:
         raise JobError("an echo needs a prompt to echo")
+
+
+def models(config: Config) -> dict[str, Path]:
+    return {}  # no weights
 
 
 def run(job: JobContext) -> JobResult:

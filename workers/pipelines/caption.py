@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import files
+from daemon.config import Config
 from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
@@ -46,6 +47,10 @@ class Options(BaseModel):
 
 def check_request(prompt: str, options: Options) -> None:
     """Nothing to check across fields; the video is checked when it is read."""
+
+
+def models(config: Config) -> dict[str, Path]:
+    return {"[caption] model": config.caption.model} if config.caption.model else {}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from daemon.config import CommandPipelineConfig
+from daemon.config import CommandPipelineConfig, Config
 from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
@@ -63,6 +63,9 @@ class CommandPipeline:
         for item in spec.inputs:
             suffixes += INPUT_SUFFIXES.get(item, (item.lower(),))
         self.INPUTS = tuple(dict.fromkeys(suffixes))
+
+    def models(self, config: Config) -> dict[str, Path]:
+        return {}  # the research code brings its own, in its own environment
 
     def check_request(self, prompt: str, options: Options) -> None:
         if "{prompt}" in self.spec.command and prompt.startswith("-"):

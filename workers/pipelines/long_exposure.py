@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from daemon.config import Config
 from daemon.jobs import JobError
 from workers import media, reports
 from workers.context import JobContext, JobResult
@@ -77,6 +79,10 @@ class Options(BaseModel):
 
 def check_request(prompt: str, options: Options) -> None:
     """Nothing to check across fields beyond the model; the input is checked at run time."""
+
+
+def models(config: Config) -> dict[str, Path]:
+    return {}  # OpenCV and numpy only
 
 
 # --- the math of the paper, kept small and testable ---------------------------------------

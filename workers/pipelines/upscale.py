@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import files
-from daemon.config import UpscaleConfig
+from daemon.config import Config, UpscaleConfig
 from daemon.jobs import JobError
 from workers import gpu, media, reports
 from workers.context import JobContext, JobResult
@@ -47,6 +47,10 @@ class Options(BaseModel):
 
 def check_request(prompt: str, options: Options) -> None:
     """Nothing to check across fields; the input is checked when it is read."""
+
+
+def models(config: Config) -> dict[str, Path]:
+    return {"[upscale] model": config.upscale.model} if config.upscale.model else {}
 
 
 @dataclass

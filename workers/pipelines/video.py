@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon import content, storyboard
 from daemon.config import (
+    Config,
     Crf,
     LookConfig,
     LookPreset,
@@ -36,8 +37,9 @@ from daemon.config import (
 )
 from daemon.jobs import JobError, describe_validation_error
 from daemon.storyboard import Scene
-from workers import fonts, gpu, models
+from workers import fonts, gpu
 from workers.context import JobContext, JobResult
+from workers.models import located, require
 from workers.pipelines import animatic, encode, footage, post, report
 
 VIDEO_FILE = "video.mp4"
@@ -107,6 +109,19 @@ def check_request(prompt: str, options: Options) -> None:
     if not storyboard.split_sentences(prompt):
         raise JobError("the prompt has no words, only punctuation: describe the video "
                        "in a sentence or more")
+
+
+def models(config: Config) -> dict[str, Path]:
+    """The video model (and its image-to-video partner) with the diffusers backend, and
+    the storyboard LLM with the llm planner."""
+    video, wanted = config.video, {}
+    if video.backend == "diffusers":
+        wanted["[video] model"] = video.model
+        if video.continuity_model:
+            wanted["[video] continuity_model"] = video.continuity_model
+    if config.storyboard.backend == "llm":
+        wanted["[storyboard] model"] = config.storyboard.model
+    return {setting: located(config.models.dir, name) for setting, name in wanted.items()}
 
 
 def run(job: JobContext) -> JobResult:
@@ -184,7 +199,7 @@ def _plan(job: JobContext, options: Options, fmt: encode.VideoFormat
             from workers.pipelines import llm_storyboard
 
             llm = llm_storyboard.LlmSettings(
-                model_dir=models.require(job.config.models.dir, settings.model),
+                model_dir=require(job.config.models.dir, settings.model),
                 constrained=settings.constrained, gpu=gpu.GpuSettings.from_config(job.config))
             made = llm_storyboard.plan_storyboard(
                 request, llm, log=job.log, resident=job.gpu.resident,

@@ -13,18 +13,20 @@ import pytest
 import torch
 
 from tests import tiny_models
-from workers import gpu
 from workers.context import JobCancelled
+from workers.ladder import LADDER, Rung, ladder_for
 from workers.models import ModelError
 from workers.pipelines import diffusion
 from workers.pipelines.diffusion import DiffusionSettings, RenderProgress, SceneRequest
+from workers.residency import Residency
+from workers.vram import VramMonitor
 
 STEPS = 2
 
 
 # What a worker process keeps between jobs, kept here between tests (the tiny models
 # load once for the module).
-RESIDENCY = gpu.Residency()
+RESIDENCY = Residency()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +149,7 @@ def test_out_of_memory_steps_down_the_ladder_and_the_scene_completes(tmp_path_fa
 
     assert_frames(frames, 12)
     assert [(s.from_rung, s.to_rung) for s in result.step_downs] == [
-        (gpu.Rung.ON_DEVICE, gpu.Rung.MODEL_OFFLOAD)]
+        (Rung.ON_DEVICE, Rung.MODEL_OFFLOAD)]
     assert "OutOfMemoryError: CUDA out of memory" in result.step_downs[0].error
     assert result.rung == "model_offload" and not result.reused_model
     # The next job on this model starts on the rung that worked.
@@ -170,7 +172,7 @@ def test_a_resident_model_is_reused_and_a_new_one_evicts_it(tmp_path_factory):
     assert RESIDENCY.get(diffusion.ROLE).model_path.name == "tiny-ltx"
 
 
-@pytest.mark.parametrize("rung", gpu.ladder_for(torch.device("cpu")))
+@pytest.mark.parametrize("rung", ladder_for(torch.device("cpu")))
 def test_each_rung_of_the_cpu_ladder_renders(tmp_path_factory, rung):
     settings = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=1,
                                  rung=rung)
@@ -272,12 +274,12 @@ def test_a_scene_becomes_an_h264_clip_through_the_clip_writer(tmp_path_factory, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rung", list(gpu.LADDER))
+@pytest.mark.parametrize("rung", list(LADDER))
 def test_every_rung_renders_on_the_gpu_in_half_precision(tmp_path_factory, rung):
     RESIDENCY.evict()
     settings = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=STEPS,
                                  rung=rung)
-    with gpu.VramMonitor(settings.gpu) as vram:
+    with VramMonitor(settings.gpu) as vram:
         frames, result = render(scene(), settings)
     assert_frames(frames, 12)
     assert result.device.startswith("cuda") and result.dtype in ("bfloat16", "float16")

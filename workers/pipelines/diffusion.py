@@ -25,8 +25,8 @@ hands them, in order, to a frame sink (the lead's clip writer). On the way:
   generations start afresh.
 - The GPU: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (the Wan
   VAE always in fp32, as its authors advise); the memory ladder and model residency
-  of ``workers.gpu``; an out-of-memory error steps one rung down and generates that
-  part again, and the report lists every step down.
+  of ``workers.ladder`` and ``workers.residency``; an out-of-memory error steps one
+  rung down and generates that part again, and the report lists every step down.
 - Progress and cancel: the pipeline's ``callback_on_step_end`` reports scene i/n, step
   j/m and an ETA to ``on_progress``; an exception raised there (a cancel) leaves the
   denoising loop at once, the pipeline's hooks are reset, and it propagates.
@@ -52,9 +52,12 @@ import numpy as np
 from PIL import Image
 
 from daemon.jobs import JobError
-from workers import gpu
+from workers.device import GpuSettings, empty_cache, pick_device, pick_dtype
+from workers.gpu import GpuOutOfMemory, is_out_of_memory, one_line
+from workers.ladder import Rung, apply_rung
 from workers.models import ModelError
 from workers.reports import human_duration
+from workers.residency import Residency, Resident, StepDown
 
 ROLE = "video"
 CONTINUITY_ROLE = "video-continuity"  # a separate image-to-video model
@@ -79,8 +82,8 @@ class DiffusionSettings:
     i2v_model_dir: Path | None = None  # an image-to-video model for continuity
     max_frames: int | None = None  # per generation; None: the family's
     device: str | None = None  # None: the GPU if there is one
-    rung: gpu.Rung | None = None  # force a rung of the ladder (benchmarks)
-    gpu: gpu.GpuSettings = gpu.GpuSettings()
+    rung: Rung | None = None  # force a rung of the ladder (benchmarks)
+    gpu: GpuSettings = GpuSettings()
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class SceneResult:
     denoise_s: float
     other_s: float  # text encoding, VAE decoding, resampling, the sink
     reused_model: bool
-    step_downs: list[gpu.StepDown] = field(default_factory=list)
+    step_downs: list[StepDown] = field(default_factory=list)
 
     @property
     def total_s(self) -> float:
@@ -161,7 +164,7 @@ class SceneResult:
 
 def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: FrameSink,
                  on_progress: ProgressCallback | None = None, *,
-                 resident: gpu.Residency) -> SceneResult:
+                 resident: Residency) -> SceneResult:
     """Render one scene into ``sink``: ``request.frames`` RGB uint8 frames of
     ``request.height × request.width × 3``, in order. The models are loaded into (or
     reused from) ``resident``, the worker's (``job.gpu.resident``).
@@ -169,11 +172,11 @@ def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: Frame
     ``on_progress`` is called after every denoising step; an exception raised in it
     (a cancel) stops the scene there and comes out of here, with the model still
     resident and usable. A model that cannot be used raises ``ModelError``; a scene
-    that does not fit in VRAM even on the lowest rung, ``gpu.GpuOutOfMemory``.
+    that does not fit in VRAM even on the lowest rung, ``GpuOutOfMemory``.
     """
     started = time.monotonic()
-    device = gpu.pick_device(settings.device)
-    dtype = gpu.pick_dtype(device)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device)
     run = _SceneRun(request, settings, device, dtype, on_progress, resident)
     produced = 0
     for index in range(len(run.plan)):
@@ -307,7 +310,7 @@ def same_weights_image_to_video(index: dict[str, Any]) -> str | None:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _load(model_dir: Path, dtype: Any, device: Any, rung: gpu.Rung) -> Any:
+def _load(model_dir: Path, dtype: Any, device: Any, rung: Rung) -> Any:
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -321,7 +324,7 @@ def _load(model_dir: Path, dtype: Any, device: Any, rung: gpu.Rung) -> Any:
         dtypes = {"default": dtype, "vae": torch.float32}  # Wan's VAE decodes best in fp32
     pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=dtypes, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    gpu.apply_rung(pipe, rung, device)
+    apply_rung(pipe, rung, device)
     return pipe
 
 
@@ -365,12 +368,12 @@ class _SceneRun:
     """The state of one ``render_scene`` call: models, plan, timings, the frame cursor."""
 
     def __init__(self, request: SceneRequest, settings: DiffusionSettings, device: Any,
-                 dtype: Any, on_progress: ProgressCallback | None, resident: gpu.Residency):
+                 dtype: Any, on_progress: ProgressCallback | None, resident: Residency):
         self.request, self.settings, self.residency = request, settings, resident
         self.device, self.dtype = device, dtype
         self.on_progress = on_progress or (lambda progress: None)
         self.load_s, self.denoise_s, self.reused = 0.0, 0.0, True
-        self.step_downs: list[gpu.StepDown] = []
+        self.step_downs: list[StepDown] = []
         self.last_output = np.zeros((request.height, request.width, 3), np.uint8)
         self.done_steps = 0
         self.step_times: list[float] = []  # seconds per step, this scene
@@ -425,7 +428,7 @@ class _SceneRun:
         else:
             self.text_to_video = self._acquire(ROLE, settings.model_dir)
 
-    def _acquire(self, role: str, model_dir: Path, rung: gpu.Rung | None = None) -> gpu.Resident:
+    def _acquire(self, role: str, model_dir: Path, rung: Rung | None = None) -> Resident:
         acquired = self.residency.acquire(
             role, model_dir, dtype=self.dtype, device=self.device, settings=self.settings.gpu,
             rung=rung or self.settings.rung,
@@ -435,7 +438,7 @@ class _SceneRun:
         return acquired.resident
 
     @property
-    def resident(self) -> gpu.Resident:
+    def resident(self) -> Resident:
         """The model that makes this scene."""
         return self.continuation if self.uses_separate else self.text_to_video
 
@@ -453,7 +456,7 @@ class _SceneRun:
         return resident.extras["image_to_video"]
 
     @property
-    def rung(self) -> gpu.Rung:
+    def rung(self) -> Rung:
         return self.resident.rung
 
     @property
@@ -470,9 +473,9 @@ class _SceneRun:
                 frames = self._call(index)
                 break
             except Exception as exc:
-                if not gpu.is_out_of_memory(exc):
+                if not is_out_of_memory(exc):
                     raise
-                error = gpu.one_line(exc)
+                error = one_line(exc)
             # Out of the except block: the failed call's tensors are free to go.
             self._step_down(error)
         return frames[1:] if self._conditioned(index) else frames
@@ -481,7 +484,7 @@ class _SceneRun:
         role = CONTINUITY_ROLE if self.uses_separate else ROLE
         step = self.residency.step_down(role, error)
         if step is None:
-            raise gpu.GpuOutOfMemory(
+            raise GpuOutOfMemory(
                 f"scene {self.request.number} does not fit in GPU memory even on the "
                 f"lowest rung ({self.size[0]}×{self.size[1]}, {max(self.plan)} frames per "
                 f"generation; {error}); ask for a smaller size or free the GPU of other "
@@ -602,7 +605,7 @@ def _reset_after_interrupt(pipe: Any, owner: Any) -> None:
         target._interrupt = False
         target._current_timestep = None
         target.maybe_free_model_hooks()
-    gpu.empty_cache()
+    empty_cache()
 
 
 def last_frame_of_clip(path: Path, width: int, height: int) -> np.ndarray:

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from workers.device import GB, GpuSettings, empty_cache, pick_device  # noqa: E402
 from workers.ladder import LADDER, Rung, ladder_for  # noqa: E402
-from workers.pipelines import diffusion  # noqa: E402
+from workers.pipelines import diffusion, diffusion_families  # noqa: E402
 from workers.residency import Residency  # noqa: E402
 from workers.vram import VramMonitor  # noqa: E402
 
@@ -161,7 +161,7 @@ def raw_call(settings: diffusion.DiffusionSettings, scene: diffusion.SceneReques
              result: diffusion.SceneResult) -> float:
     """The resident pipeline called directly with the arguments the render path used."""
     pipe = RESIDENCY.get(diffusion.ROLE).model
-    rules = diffusion.family_rules(pipe)
+    rules = diffusion_families.family_rules(pipe)
     arguments = {
         "prompt": scene.prompt, "negative_prompt": settings.negative_prompt,
         "width": result.generated_size[0], "height": result.generated_size[1],

@@ -16,7 +16,7 @@ from tests import tiny_models
 from workers.context import JobCancelled
 from workers.ladder import LADDER, Rung, ladder_for
 from workers.models import ModelError
-from workers.pipelines import diffusion
+from workers.pipelines import diffusion, diffusion_plan
 from workers.pipelines.diffusion import DiffusionSettings, RenderProgress, SceneRequest
 from workers.residency import Residency
 from workers.vram import VramMonitor
@@ -209,19 +209,19 @@ def test_an_image_to_video_model_is_refused_as_the_text_to_video_model(tmp_path)
     (5, 81, 4, True, False, [9]),  # a start frame brings one frame less
 ])
 def test_plan_generations(needed, most, step, first, chained, plan):
-    assert diffusion.plan_generations(needed, most, step, first, chained) == plan
+    assert diffusion_plan.plan_generations(needed, most, step, first, chained) == plan
     gained = sum(plan) - first - chained * (len(plan) - 1)
     assert gained >= needed and all((n - 1) % step == 0 and n <= most for n in plan)
 
 
 def test_frames_are_resampled_by_time_and_sizes_fit_the_family():
-    assert diffusion.native_frames_needed(frames=12, fps=8, native_fps=24) == 34
-    assert diffusion.native_frames_needed(frames=80, fps=16, native_fps=16) == 80
-    assert diffusion.valid_frames_at_least(34, 8) == 41
-    assert diffusion.valid_frames_at_most(100, 8) == 97
-    assert diffusion.generation_size(832, 480, 16) == (832, 480)
-    assert diffusion.generation_size(854, 480, 32) == (864, 480)
-    assert diffusion.generation_size(40, 30, 32) == (32, 32)
+    assert diffusion_plan.native_frames_needed(frames=12, fps=8, native_fps=24) == 34
+    assert diffusion_plan.native_frames_needed(frames=80, fps=16, native_fps=16) == 80
+    assert diffusion_plan.valid_frames_at_least(34, 8) == 41
+    assert diffusion_plan.valid_frames_at_most(100, 8) == 97
+    assert diffusion_plan.generation_size(832, 480, 16) == (832, 480)
+    assert diffusion_plan.generation_size(854, 480, 32) == (864, 480)
+    assert diffusion_plan.generation_size(40, 30, 32) == (32, 32)
 
 
 # --- continuity through other image-to-video pipelines, a real clip, the GPU -------------------

@@ -38,11 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from tests import tiny_models  # noqa: E402
-from workers import gpu  # noqa: E402
-from workers.pipelines import diffusion  # noqa: E402
+from workers.device import GB, GpuSettings, empty_cache, pick_device  # noqa: E402
+from workers.ladder import LADDER, Rung, ladder_for  # noqa: E402
+from workers.pipelines import diffusion, diffusion_families  # noqa: E402
+from workers.residency import Residency  # noqa: E402
+from workers.vram import VramMonitor  # noqa: E402
 
 # The bench is its own process: it owns the GPU's resident models, as a worker does.
-RESIDENCY = gpu.Residency()
+RESIDENCY = Residency()
 PROMPT = ("A red fox runs through deep snow at sunset, its breath steaming. Wide shot. "
           "Style: cinematic, soft light.")
 
@@ -121,7 +124,7 @@ def built(name: str, builder: Callable[[Path], None], models_dir: Path, device: 
         with torch.device(device if device.startswith("cuda") else "cpu"):
             builder(dest)
         print(f"built {name} in {time.monotonic() - started:.0f} s → {dest}", flush=True)
-        gpu.empty_cache()
+        empty_cache()
     return dest
 
 
@@ -142,9 +145,9 @@ def synchronized() -> None:
 
 
 def render(scene: diffusion.SceneRequest, settings: diffusion.DiffusionSettings
-           ) -> tuple[diffusion.SceneResult, float, gpu.VramMonitor]:
+           ) -> tuple[diffusion.SceneResult, float, VramMonitor]:
     """One scene through the job path, frames discarded; (result, seconds, monitor)."""
-    monitor = gpu.VramMonitor(settings.gpu)
+    monitor = VramMonitor(settings.gpu)
     synchronized()
     started = time.monotonic()
     with monitor:
@@ -158,7 +161,7 @@ def raw_call(settings: diffusion.DiffusionSettings, scene: diffusion.SceneReques
              result: diffusion.SceneResult) -> float:
     """The resident pipeline called directly with the arguments the render path used."""
     pipe = RESIDENCY.get(diffusion.ROLE).model
-    rules = diffusion.family_rules(pipe)
+    rules = diffusion_families.family_rules(pipe)
     arguments = {
         "prompt": scene.prompt, "negative_prompt": settings.negative_prompt,
         "width": result.generated_size[0], "height": result.generated_size[1],
@@ -176,18 +179,18 @@ def raw_call(settings: diffusion.DiffusionSettings, scene: diffusion.SceneReques
 
 def baseline_used() -> int:
     """What the card holds before a run (other programs, our CUDA context)."""
-    monitor = gpu.VramMonitor()
+    monitor = VramMonitor()
     monitor.start()
     monitor.stop()
     return monitor.peak
 
 
-def peak_note(monitor: gpu.VramMonitor, before: int) -> tuple[str, int]:
+def peak_note(monitor: VramMonitor, before: int) -> tuple[str, int]:
     report = monitor.report()
     if not report:
         return "n/a (CPU)", 0
     peak = report["peak"] - before
-    return f"{peak / gpu.GB:.2f} GB (allocated {report['max_allocated'] / gpu.GB:.2f})", peak
+    return f"{peak / GB:.2f} GB (allocated {report['max_allocated'] / GB:.2f})", peak
 
 
 def bench_model(name: str, model_dir: Path, native_fps: int,
@@ -227,7 +230,7 @@ def bench_model(name: str, model_dir: Path, native_fps: int,
     rung_settings = diffusion.DiffusionSettings(model_dir=model_dir, steps=args.rung_steps,
                                                 device=args.device)
     for rung in args.rungs:
-        if rung not in gpu.ladder_for(gpu.pick_device(args.device)):
+        if rung not in ladder_for(pick_device(args.device)):
             continue
         RESIDENCY.evict()
         before = baseline_used()
@@ -240,11 +243,11 @@ def bench_model(name: str, model_dir: Path, native_fps: int,
     if args.budget_gb and torch.cuda.is_available():
         RESIDENCY.evict()
         before = baseline_used()
-        budget = gpu.GpuSettings(vram_budget_gb=args.budget_gb)
+        budget = GpuSettings(vram_budget_gb=args.budget_gb)
         result, seconds, monitor = render(scene, _with(rung_settings, gpu=budget))
         peak, used = peak_note(monitor, before)
         torch.cuda.set_per_process_memory_fraction(1.0)
-        ok = used < args.budget_gb * gpu.GB
+        ok = used < args.budget_gb * GB
         rows.append(Row(name, f"budget {args.budget_gb:g} GB", f"{result.rung}: {peak}",
                         f"target < {args.budget_gb:g} GB" + (" ✓" if ok else " ✗")
                         + f"; step downs {len(result.step_downs)}"))
@@ -279,7 +282,7 @@ def main() -> int:
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 832x480)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="raw/ours pairs, the median counts (default 1, 9 with --small)")
-    parser.add_argument("--rungs", default=",".join(gpu.LADDER),
+    parser.add_argument("--rungs", default=",".join(LADDER),
                         help="rungs to measure, comma-separated")
     parser.add_argument("--budget-gb", type=float, default=8.0)
     args = parser.parse_args()
@@ -291,8 +294,8 @@ def main() -> int:
     args.frames = args.frames or (9 if small else 81)
     width, height = (args.size or ("64x32" if small else "832x480")).split("x")
     args.width, args.height = int(width), int(height)
-    args.rungs = [gpu.Rung(rung) for rung in args.rungs.split(",") if rung]
-    device = str(gpu.pick_device(args.device))
+    args.rungs = [Rung(rung) for rung in args.rungs.split(",") if rung]
+    device = str(pick_device(args.device))
     if small:
         torch.set_num_threads(1)  # tiny models: a second thread only spins
 

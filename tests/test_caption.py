@@ -12,8 +12,11 @@ import torch
 from daemon.config import CaptionConfig, Config, StateConfig
 from daemon.jobs import JobSpec, Source, job_dir
 from tests.tiny_git import WORDS, build_tiny_git
-from workers import gpu
+from workers import gpu, residency
+from workers.device import GpuSettings
+from workers.ladder import ComponentSize, MemoryNeed, Rung
 from workers.pipelines import caption, kind_registry
+from workers.residency import release_memory
 from workers.runner import run_job_sync
 
 KINDS = kind_registry()
@@ -89,7 +92,7 @@ def test_the_model_stays_resident_between_jobs(tmp_path, tiny_git, monkeypatch, 
         assert outcome.status == "done", outcome.error
     assert loads == [tiny_git]  # one from_pretrained for both jobs
     resident = gpu_state.resident.get(caption.ROLE)
-    assert resident.model_path == tiny_git.resolve() and resident.rung is gpu.Rung.ON_DEVICE
+    assert resident.model_path == tiny_git.resolve() and resident.rung is Rung.ON_DEVICE
     assert isinstance(resident.model, caption.Captioner) and resident.need.total > 0
 
 
@@ -102,7 +105,7 @@ def test_another_caption_model_replaces_the_first_and_release_frees_it(tmp_path,
     assert outcome.status == "done", outcome.error
     assert first.model is None  # evicted before the other model loaded
     assert gpu_state.resident.get(caption.ROLE).model_path == other.resolve()
-    gpu.release_memory(gpu_state.resident)  # what a command kind with its own models asks for
+    release_memory(gpu_state.resident)  # what a command kind with its own models asks for
     assert gpu_state.resident.get(caption.ROLE) is None
 
 
@@ -113,15 +116,15 @@ def test_the_video_model_parks_a_resident_captioner_when_it_needs_the_room(
     # Pretend the captioner sits on a card with room for one model of its size.
     captioner.device = torch.device("cuda")
     card = captioner.need.total
-    monkeypatch.setattr(gpu, "available_bytes", lambda settings, device: card - sum(
+    monkeypatch.setattr(residency, "available_bytes", lambda settings, device: card - sum(
         r.vram_bytes for r in gpu_state.resident._slots.values()))
-    monkeypatch.setattr(gpu, "memory_need", lambda path, dtype: gpu.MemoryNeed(
-        path, (gpu.ComponentSize("transformer", card, 0, 0, 0),)))
+    monkeypatch.setattr(residency, "memory_need", lambda path, dtype: MemoryNeed(
+        path, (ComponentSize("transformer", card, 0, 0, 0),)))
 
     video = gpu_state.resident.acquire("video", tmp_path / "wan", dtype=torch.float32,
-                                       device=torch.device("cpu"), settings=gpu.GpuSettings(),
+                                       device=torch.device("cpu"), settings=GpuSettings(),
                                        load=lambda rung: object())
-    assert captioner.parked and video.resident.rung is gpu.Rung.ON_DEVICE
+    assert captioner.parked and video.resident.rung is Rung.ON_DEVICE
 
 
 def test_shot_detection_and_even_sampling():

@@ -13,18 +13,20 @@ import pytest
 import torch
 
 from tests import tiny_models
-from workers import gpu
 from workers.context import JobCancelled
+from workers.ladder import LADDER, Rung, ladder_for
 from workers.models import ModelError
-from workers.pipelines import diffusion
+from workers.pipelines import diffusion, diffusion_plan
 from workers.pipelines.diffusion import DiffusionSettings, RenderProgress, SceneRequest
+from workers.residency import Residency
+from workers.vram import VramMonitor
 
 STEPS = 2
 
 
 # What a worker process keeps between jobs, kept here between tests (the tiny models
 # load once for the module).
-RESIDENCY = gpu.Residency()
+RESIDENCY = Residency()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +149,7 @@ def test_out_of_memory_steps_down_the_ladder_and_the_scene_completes(tmp_path_fa
 
     assert_frames(frames, 12)
     assert [(s.from_rung, s.to_rung) for s in result.step_downs] == [
-        (gpu.Rung.ON_DEVICE, gpu.Rung.MODEL_OFFLOAD)]
+        (Rung.ON_DEVICE, Rung.MODEL_OFFLOAD)]
     assert "OutOfMemoryError: CUDA out of memory" in result.step_downs[0].error
     assert result.rung == "model_offload" and not result.reused_model
     # The next job on this model starts on the rung that worked.
@@ -170,7 +172,7 @@ def test_a_resident_model_is_reused_and_a_new_one_evicts_it(tmp_path_factory):
     assert RESIDENCY.get(diffusion.ROLE).model_path.name == "tiny-ltx"
 
 
-@pytest.mark.parametrize("rung", gpu.ladder_for(torch.device("cpu")))
+@pytest.mark.parametrize("rung", ladder_for(torch.device("cpu")))
 def test_each_rung_of_the_cpu_ladder_renders(tmp_path_factory, rung):
     settings = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=1,
                                  rung=rung)
@@ -207,19 +209,19 @@ def test_an_image_to_video_model_is_refused_as_the_text_to_video_model(tmp_path)
     (5, 81, 4, True, False, [9]),  # a start frame brings one frame less
 ])
 def test_plan_generations(needed, most, step, first, chained, plan):
-    assert diffusion.plan_generations(needed, most, step, first, chained) == plan
+    assert diffusion_plan.plan_generations(needed, most, step, first, chained) == plan
     gained = sum(plan) - first - chained * (len(plan) - 1)
     assert gained >= needed and all((n - 1) % step == 0 and n <= most for n in plan)
 
 
 def test_frames_are_resampled_by_time_and_sizes_fit_the_family():
-    assert diffusion.native_frames_needed(frames=12, fps=8, native_fps=24) == 34
-    assert diffusion.native_frames_needed(frames=80, fps=16, native_fps=16) == 80
-    assert diffusion.valid_frames_at_least(34, 8) == 41
-    assert diffusion.valid_frames_at_most(100, 8) == 97
-    assert diffusion.generation_size(832, 480, 16) == (832, 480)
-    assert diffusion.generation_size(854, 480, 32) == (864, 480)
-    assert diffusion.generation_size(40, 30, 32) == (32, 32)
+    assert diffusion_plan.native_frames_needed(frames=12, fps=8, native_fps=24) == 34
+    assert diffusion_plan.native_frames_needed(frames=80, fps=16, native_fps=16) == 80
+    assert diffusion_plan.valid_frames_at_least(34, 8) == 41
+    assert diffusion_plan.valid_frames_at_most(100, 8) == 97
+    assert diffusion_plan.generation_size(832, 480, 16) == (832, 480)
+    assert diffusion_plan.generation_size(854, 480, 32) == (864, 480)
+    assert diffusion_plan.generation_size(40, 30, 32) == (32, 32)
 
 
 # --- continuity through other image-to-video pipelines, a real clip, the GPU -------------------
@@ -272,12 +274,12 @@ def test_a_scene_becomes_an_h264_clip_through_the_clip_writer(tmp_path_factory, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rung", list(gpu.LADDER))
+@pytest.mark.parametrize("rung", list(LADDER))
 def test_every_rung_renders_on_the_gpu_in_half_precision(tmp_path_factory, rung):
     RESIDENCY.evict()
     settings = DiffusionSettings(model_dir=model("tiny-wan", tmp_path_factory), steps=STEPS,
                                  rung=rung)
-    with gpu.VramMonitor(settings.gpu) as vram:
+    with VramMonitor(settings.gpu) as vram:
         frames, result = render(scene(), settings)
     assert_frames(frames, 12)
     assert result.device.startswith("cuda") and result.dtype in ("bfloat16", "float16")

@@ -16,15 +16,27 @@ from safetensors.torch import load_file
 
 from tests import tiny_models
 from tests.conftest import REPO
-from workers import gpu
-from workers.gpu import GB, ComponentSize, MemoryNeed, QueuedJob, Rung
+from workers import gpu, residency
+from workers.device import GB, GpuSettings, empty_cache, pick_device, pick_dtype
+from workers.gpu import QueuedJob
+from workers.ladder import (
+    LADDER,
+    ComponentSize,
+    MemoryNeed,
+    Rung,
+    choose_rung,
+    ladder_for,
+    memory_need,
+)
+from workers.residency import Residency
+from workers.vram import VramMonitor, thin_timeline
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture
-def resident() -> gpu.Residency:
-    return gpu.Residency()
+def resident() -> Residency:
+    return Residency()
 
 
 # --- device, dtype, monitor -----------------------------------------------------------------
@@ -33,24 +45,24 @@ def resident() -> gpu.Residency:
 def test_on_a_cpu_host_the_device_is_the_cpu_in_fp32():
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
-    assert gpu.pick_device() == torch.device("cpu")
-    assert gpu.pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_device() == torch.device("cpu")
+    assert pick_dtype(torch.device("cpu")) == torch.float32
     with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
-        gpu.pick_device("cuda")
+        pick_device("cuda")
 
 
 def test_the_vram_monitor_is_a_quiet_no_op_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
     warnings = []
-    with gpu.VramMonitor(gpu.GpuSettings(sample_interval_s=0.01), warnings.append) as vram:
+    with VramMonitor(GpuSettings(sample_interval_s=0.01), warnings.append) as vram:
         time.sleep(0.05)
     assert vram.report() == {} and vram.timeline == [] and warnings == []
 
 
 def test_a_long_timeline_is_thinned_but_keeps_its_peak():
     timeline = [(i * 0.2, 100 + (i % 7)) for i in range(5000)] + [(1000.0, 999)]
-    thinned = gpu.thin_timeline(timeline, points=100)
+    thinned = thin_timeline(timeline, points=100)
     assert len(thinned) <= 100 and max(used for _, used in thinned) == 999
 
 
@@ -58,15 +70,15 @@ def test_a_long_timeline_is_thinned_but_keeps_its_peak():
 @needs_cuda
 def test_the_vram_monitor_sees_an_allocation_and_warns_above_the_threshold():
     warnings = []
-    settings = gpu.GpuSettings(sample_interval_s=0.02, warn_percent=0.0001)
-    with gpu.VramMonitor(settings, warnings.append) as vram:
+    settings = GpuSettings(sample_interval_s=0.02, warn_percent=0.0001)
+    with VramMonitor(settings, warnings.append) as vram:
         block = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda")
         time.sleep(0.1)
         del block
     report = vram.report()
     assert report["total"] > report["peak"] > 0 and report["max_allocated"] >= 256 * 1024**2
     assert len(report["timeline"]) >= 3 and len(warnings) == 1
-    gpu.empty_cache()
+    empty_cache()
 
 
 # --- memory need -------------------------------------------------------------------------------
@@ -74,8 +86,8 @@ def test_the_vram_monitor_sees_an_allocation_and_warns_above_the_threshold():
 
 def test_memory_need_comes_from_the_headers_in_the_runtime_dtype(tmp_path_factory):
     model_dir = tiny_models.session_model("tiny-wan", tmp_path_factory)
-    need32 = gpu.memory_need(model_dir, torch.float32)
-    need16 = gpu.memory_need(model_dir, torch.bfloat16)
+    need32 = memory_need(model_dir, torch.float32)
+    need16 = memory_need(model_dir, torch.bfloat16)
 
     names = {c.name for c in need32.components}
     assert names == {"transformer", "text_encoder", "vae"}  # no weights: tokenizer, scheduler
@@ -86,7 +98,7 @@ def test_memory_need_comes_from_the_headers_in_the_runtime_dtype(tmp_path_factor
     blocks = sum(t.numel() * 4 for k, t in weights.items() if k.startswith("blocks.0."))
     assert transformer.largest_block == blocks
     # Each rung down needs less.
-    needs = [need32.at(rung) for rung in gpu.LADDER]
+    needs = [need32.at(rung) for rung in LADDER]
     assert needs == sorted(needs, reverse=True) and needs[-1] > 0
 
 
@@ -96,7 +108,7 @@ def test_a_transformers_folder_counts_its_own_weights_and_skips_variants(tmp_pat
     blob = len(header).to_bytes(8, "little") + header.encode() + bytes(232)
     (tmp_path / "model.safetensors").write_bytes(blob)
     (tmp_path / "model.fp16.safetensors").write_bytes(blob)  # a variant: not loaded
-    need = gpu.memory_need(tmp_path, torch.float32)
+    need = memory_need(tmp_path, torch.float32)
     assert [c.total for c in need.components] == [100 * 4 + 4 * 8]
 
 
@@ -104,11 +116,11 @@ def test_a_single_weight_file_counts_itself(tmp_path):
     header = json.dumps({"w": {"dtype": "F16", "shape": [10, 10], "data_offsets": [0, 200]}})
     weights = tmp_path / "x4.safetensors"
     weights.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(200))
-    need = gpu.memory_need(weights, torch.float32)
+    need = memory_need(weights, torch.float32)
     assert [(c.name, c.total) for c in need.components] == [("x4", 100 * 4)]
     pickle = tmp_path / "RealESRGAN_x4plus.pth"  # no header: counted as fp32 storage
     pickle.write_bytes(bytes(1000))
-    assert gpu.memory_need(pickle, torch.float16).total == 500
+    assert memory_need(pickle, torch.float16).total == 500
 
 
 def need_of(total_gb: float, largest_gb: float, block_gb: float) -> MemoryNeed:
@@ -125,12 +137,12 @@ def need_of(total_gb: float, largest_gb: float, block_gb: float) -> MemoryNeed:
 def test_the_fastest_rung_that_fits_is_chosen(available_gb, rung):
     need = need_of(total_gb=14, largest_gb=8, block_gb=0.5)
     available = None if available_gb is None else int(available_gb * GB)
-    assert gpu.choose_rung(need, available, gpu.LADDER) is rung
+    assert choose_rung(need, available, LADDER) is rung
 
 
 def test_the_cpu_ladder_leaves_out_sequential_offload():
-    assert gpu.ladder_for(torch.device("cpu"))[-1] is Rung.GROUP_OFFLOAD
-    assert gpu.ladder_for(torch.device("cuda"))[-1] is Rung.SEQUENTIAL_OFFLOAD
+    assert ladder_for(torch.device("cpu"))[-1] is Rung.GROUP_OFFLOAD
+    assert ladder_for(torch.device("cuda"))[-1] is Rung.SEQUENTIAL_OFFLOAD
 
 
 # --- residency ----------------------------------------------------------------------------------
@@ -145,7 +157,7 @@ class FakeModel:
         return self
 
 
-def acquire(resident: gpu.Residency, model_dir: Path, role: str = "video",
+def acquire(resident: Residency, model_dir: Path, role: str = "video",
             device: str = "cpu", loads: list | None = None):
     model_dir.mkdir(exist_ok=True)
 
@@ -156,7 +168,7 @@ def acquire(resident: gpu.Residency, model_dir: Path, role: str = "video",
         return FakeModel(model_dir.name).to(device)
 
     return resident.acquire(role, model_dir, dtype=torch.float32, device=torch.device(device),
-                            settings=gpu.GpuSettings(), load=load)
+                            settings=GpuSettings(), load=load)
 
 
 def test_a_resident_model_costs_no_load_and_a_new_one_evicts_it(tmp_path, resident):
@@ -191,9 +203,9 @@ def test_another_role_is_parked_only_when_the_room_is_needed(tmp_path, resident,
         held = sum(r.vram_bytes for r in resident._slots.values())
         return 10 * GB - held
 
-    monkeypatch.setattr(gpu, "available_bytes", available)
+    monkeypatch.setattr(residency, "available_bytes", available)
     sizes = {"llm": 3 * GB, "wan": 6 * GB, "big": 9 * GB}
-    monkeypatch.setattr(gpu, "memory_need", lambda model_dir, dtype: need_of(
+    monkeypatch.setattr(residency, "memory_need", lambda model_dir, dtype: need_of(
         sizes[model_dir.name] / GB, sizes[model_dir.name] / GB / 2, 0.1))
 
     llm = acquire(resident, tmp_path / "llm", role="storyboard", device="cuda")

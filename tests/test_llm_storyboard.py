@@ -12,10 +12,10 @@ import torch
 
 from daemon.storyboard import PlanRequest, Scene
 from tests import tiny_models
-from workers import gpu
 from workers.context import JobCancelled
 from workers.pipelines import llm_storyboard
 from workers.pipelines.llm_storyboard import LlmSettings
+from workers.residency import Residency
 
 PROMPT = "A red fox runs through the snow. The sun sets. It looks back at the camera."
 VALID_REPLY = json.dumps({
@@ -26,7 +26,7 @@ VALID_REPLY = json.dumps({
 
 
 # What a worker process keeps between jobs, kept here between tests.
-RESIDENCY = gpu.Residency()
+RESIDENCY = Residency()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,7 +25,9 @@ from daemon.config import Config, StateConfig, UpscaleConfig
 from daemon.jobs import JobSpec, Source, job_dir
 from tests.rrdbnet import RRDBNet
 from workers import gpu, media
+from workers.ladder import Rung
 from workers.pipelines import kind_registry, upscale
+from workers.residency import release_memory
 from workers.runner import run_job_sync
 
 KINDS = kind_registry()
@@ -144,7 +146,7 @@ def test_the_model_stays_resident_between_jobs_and_another_file_replaces_it(
         assert outcome.status == "done", outcome.error
     assert fake_spandrel == [str(tiny_x4)]  # loaded once, for both jobs
     first = gpu_state.resident.get(upscale.ROLE)
-    assert first.model_path == tiny_x4.resolve() and first.rung is gpu.Rung.ON_DEVICE
+    assert first.model_path == tiny_x4.resolve() and first.rung is Rung.ON_DEVICE
     # The residency knows what the weights take (a .pth counts as fp32): it can make
     # room for them, or park them for another role's model.
     assert first.need.total == tiny_x4.stat().st_size
@@ -155,7 +157,7 @@ def test_the_model_stays_resident_between_jobs_and_another_file_replaces_it(
     assert outcome.status == "done", outcome.error
     assert first.model is None  # evicted before the other file loaded
     assert gpu_state.resident.get(upscale.ROLE).model_path == other.resolve()
-    gpu.release_memory(gpu_state.resident)  # what a command kind with its own models asks for
+    release_memory(gpu_state.resident)  # what a command kind with its own models asks for
     assert gpu_state.resident.get(upscale.ROLE) is None
 
 

@@ -21,7 +21,8 @@ import pytest
 from daemon.config import Config, StateConfig, VideoConfig
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, Source
 from intake.folder import deliver
-from workers import fonts, gpu
+from workers import fonts
+from workers.device import device_name
 from workers.pipelines import report
 from workers.pipelines.overlays import wrap
 from workers.runner import Cancellation, run_job_sync
@@ -287,7 +288,7 @@ def test_font_without_cjk_gives_a_warning() -> None:
 
 def test_device_name_without_torch(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-    assert gpu.device_name() == "cpu"
+    assert device_name() == "cpu"
 
 
 # --- reuse, resume and cancel -----------------------------------------------------------------

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from daemon import files
-from workers import gpu, media
+from workers import media
 from workers.context import JobContext
+from workers.device import device_name
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -57,7 +58,7 @@ def job_fields(job: JobContext, options: dict[str, Any]) -> dict[str, Any]:
         "timings": {"queue_wait": seconds(job.queue_wait_s),
                     **{name: seconds(value) for name, value in job.timings.items()},
                     "total": seconds(job.elapsed())},
-        "device": gpu.device_name(),
+        "device": device_name(),
         "warnings": list(job.warnings),
         "version": version(),
     }

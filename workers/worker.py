@@ -55,9 +55,10 @@ from daemon.queue import (
 from daemon.schedule import release_next
 from workers import gpu
 from workers.arq_seam import IN_PROGRESS_PREFIX, SeamWorker, in_progress_ttl_ms
-from workers.gpu import device_name
+from workers.device import device_name
 from workers.pipelines import kind_registry
 from workers.runner import Cancellation, Interrupted, run_job_sync
+from workers.vram import vram_now
 
 HEARTBEAT_S = 3.0
 CLAIM_TTL_S = 20  # a dead worker's claim on its job lapses after this
@@ -106,7 +107,7 @@ def default_worker_name() -> str:
 
 async def _beat(state: WorkerState) -> None:
     redis = state.queue.redis
-    vram = await asyncio.to_thread(gpu.vram_now)
+    vram = await asyncio.to_thread(vram_now)
     beat = {
         "name": state.name,
         "pid": os.getpid(),

@@ -24,10 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import files
 from daemon.config import Config
 from daemon.jobs import JobError
-from workers import gpu, media, reports
+from workers import media, reports
 from workers.context import JobContext, JobResult
+from workers.device import GpuSettings, pick_device, pick_dtype
+from workers.ladder import Rung
+from workers.residency import ModelWith, Residency
 
-ROLE = "caption"  # in the worker's gpu.Residency
+ROLE = "caption"  # in the worker's Residency
 INPUTS = media.VIDEO_SUFFIXES
 OUTPUT_FILE = "result.caption.txt"
 SAMPLES_PER_SECOND = 4.0  # frames kept for shot detection and sampling
@@ -105,14 +108,14 @@ def sample_evenly(start: int, end: int, count: int) -> list[int]:
 
 
 @dataclass
-class Captioner(gpu.ModelWith):
+class Captioner(ModelWith):
     """The GIT model and its processor."""
 
     processor: Any
 
 
-def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings,
-                   resident: gpu.Residency) -> Captioner:
+def load_captioner(model_dir: Path | None, gpu_config: GpuSettings,
+                   resident: Residency) -> Captioner:
     """The captioning model, kept resident between jobs in ``resident`` (the worker's,
     ``job.gpu.resident``; role ``"caption"``)."""
     if model_dir is None:
@@ -124,13 +127,13 @@ def load_captioner(model_dir: Path | None, gpu_config: gpu.GpuSettings,
         raise JobError(f"[caption] model = {str(model_dir)!r} is not a model folder (no "
                        "config.json); install it with `python scripts/fetch_models.py "
                        f"{model_dir.name} --dest {model_dir.parent}/`")
-    device = gpu.pick_device()
-    dtype = gpu.pick_dtype(device)
+    device = pick_device()
+    dtype = pick_dtype(device)
     # Only the on-device rung: the offload rungs place diffusers pipelines, and a GIT
     # checkpoint is a single transformers model of a few hundred MB. Other roles'
     # models are parked to make room for it instead.
     acquired = resident.acquire(ROLE, model_dir, dtype=dtype, device=device,
-                                settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                settings=gpu_config, rungs=(Rung.ON_DEVICE,),
                                 load=lambda rung: _load(model_dir, dtype, device))
     return acquired.resident.model
 
@@ -168,7 +171,7 @@ def run(job: JobContext) -> JobResult:
 
     with job.stage("load"):
         job.progress("load", 0, "loading the captioning model")
-        captioner = load_captioner(settings.model, gpu.GpuSettings.from_config(job.config),
+        captioner = load_captioner(settings.model, GpuSettings.from_config(job.config),
                                    job.gpu.resident)
         processor, model = captioner.processor, captioner.model
         count = getattr(model.config, "num_image_with_embedding", None) or 1

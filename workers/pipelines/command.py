@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict
 
 from daemon.config import CommandPipelineConfig, Config
 from daemon.jobs import JobError
-from workers import gpu, media, reports
+from workers import media, reports
 from workers.context import JobContext, JobResult
+from workers.residency import release_memory
 
 INPUT_SUFFIXES = {
     "video": media.VIDEO_SUFFIXES,
@@ -88,7 +89,7 @@ class CommandPipeline:
         environment.update(spec.env)
         if spec.gpu:
             # The command brings its own models: give it the card.
-            gpu.release_memory(job.gpu.resident)
+            release_memory(job.gpu.resident)
 
         with job.stage("run"):
             exit_code = self._execute(job, argv, environment)

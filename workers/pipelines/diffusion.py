@@ -3,19 +3,12 @@
 ``render_scene`` turns one scene into RGB frames at the job's size and frame rate and
 hands them, in order, to a frame sink (the lead's clip writer). On the way:
 
-- The model is a local diffusers folder; its family comes from ``_class_name`` in
-  ``model_index.json``: ``WanPipeline`` (Wan 2.1 / 2.2), ``LTXPipeline`` (LTX-Video)
-  or ``CogVideoXPipeline``. Each family has its own rules, read from the loaded
-  pipeline's configs (``family_rules``): frame counts ``step·k + 1`` (the VAE's
-  temporal compression: 4 for Wan and CogVideoX, 8 for LTX; CogVideoX 1.5 pads its
-  latent frames itself), sizes a multiple of the VAE's spatial compression times the
-  patch size (16 for Wan 2.1 and CogVideoX, 32 for LTX and Wan 2.2 5B), its native
-  frame rate and the most frames one generation takes.
+- The model is a local diffusers folder of a known family, driven by that family's
+  rules (``workers.pipelines.diffusion_families``).
 - Duration → frames: the scene's length is generated at the model's native rate, in
-  several generations of at most ``max_frames`` when it is longer, joined in order.
-  Then it is resampled to the job's rate by taking, for each output frame, the
-  generated frame nearest in time (frames are dropped or repeated, never blended, so
-  nothing ghosts), and resized to the job's size when the model needed another.
+  several generations when it is longer than one takes (``diffusion_plan``), joined in
+  order, resampled to the job's rate (the nearest generated frame in time) and resized
+  to the job's size when the model needed another.
 - Continuity: with an image-to-video pipeline a generation continues from a frame:
   the previous scene's last frame starts the next scene, and a long scene's later
   generations start from the one before (the repeated first frame is dropped). The
@@ -23,10 +16,10 @@ hands them, in order, to a frame sink (the lead's clip writer). On the way:
   it (``LTXImageToVideoPipeline``; ``WanImageToVideoPipeline`` for Wan 2.2 TI2V), or a
   separate model (``i2v_model_dir``, e.g. Wan2.1-I2V-14B). Without one, scenes and
   generations start afresh.
-- The GPU: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (the Wan
-  VAE always in fp32, as its authors advise); the memory ladder and model residency
-  of ``workers.gpu``; an out-of-memory error steps one rung down and generates that
-  part again, and the report lists every step down.
+- The GPU: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU; the memory
+  ladder and model residency of ``workers.ladder`` and ``workers.residency``; an
+  out-of-memory error steps one rung down and generates that part again, and the
+  report lists every step down.
 - Progress and cancel: the pipeline's ``callback_on_step_end`` reports scene i/n, step
   j/m and an ETA to ``on_progress``; an exception raised there (a cancel) leaves the
   denoising loop at once, the pipeline's hooks are reset, and it propagates.
@@ -36,10 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.util
-import inspect
-import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -52,17 +41,31 @@ import numpy as np
 from PIL import Image
 
 from daemon.jobs import JobError
-from workers import gpu
-from workers.models import ModelError
+from workers.device import GpuSettings, empty_cache, pick_device, pick_dtype
+from workers.gpu import GpuOutOfMemory, is_out_of_memory, one_line
+from workers.ladder import Rung
+from workers.pipelines.diffusion_families import (
+    IMAGE_TO_VIDEO,
+    TEXT_TO_VIDEO,
+    check_pipeline_class,
+    check_requirements,
+    compose_pipeline,
+    family_rules,
+    load_pipeline,
+    same_weights_image_to_video,
+)
+from workers.pipelines.diffusion_plan import (
+    generation_size,
+    native_frames_needed,
+    plan_generations,
+)
 from workers.reports import human_duration
+from workers.residency import Residency, Resident, StepDown
 
 ROLE = "video"
 CONTINUITY_ROLE = "video-continuity"  # a separate image-to-video model
 FrameSink = Callable[[np.ndarray], None]
 
-TEXT_TO_VIDEO = ("WanPipeline", "LTXPipeline", "CogVideoXPipeline")
-IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline",
-                  "CogVideoXImageToVideoPipeline")
 DEFAULT_NEGATIVE_PROMPT = ("blurry, low quality, worst quality, distorted, deformed, "
                            "watermark, text, jittery, static")
 
@@ -79,8 +82,8 @@ class DiffusionSettings:
     i2v_model_dir: Path | None = None  # an image-to-video model for continuity
     max_frames: int | None = None  # per generation; None: the family's
     device: str | None = None  # None: the GPU if there is one
-    rung: gpu.Rung | None = None  # force a rung of the ladder (benchmarks)
-    gpu: gpu.GpuSettings = gpu.GpuSettings()
+    rung: Rung | None = None  # force a rung of the ladder (benchmarks)
+    gpu: GpuSettings = GpuSettings()
 
 
 @dataclass(frozen=True)
@@ -118,17 +121,6 @@ class RenderProgress:
 ProgressCallback = Callable[[RenderProgress], None]
 
 
-@dataclass(frozen=True)
-class FamilyRules:
-    frame_step: int  # a generation has frame_step·k + 1 frames
-    size_multiple: int
-    native_fps: int
-    max_frames: int
-    steps: int
-    guidance_scale: float
-    extra: dict[str, Any] = field(default_factory=dict)  # the family's own call arguments
-
-
 @dataclass
 class SceneResult:
     prompt: str
@@ -146,7 +138,7 @@ class SceneResult:
     denoise_s: float
     other_s: float  # text encoding, VAE decoding, resampling, the sink
     reused_model: bool
-    step_downs: list[gpu.StepDown] = field(default_factory=list)
+    step_downs: list[StepDown] = field(default_factory=list)
 
     @property
     def total_s(self) -> float:
@@ -161,7 +153,7 @@ class SceneResult:
 
 def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: FrameSink,
                  on_progress: ProgressCallback | None = None, *,
-                 resident: gpu.Residency) -> SceneResult:
+                 resident: Residency) -> SceneResult:
     """Render one scene into ``sink``: ``request.frames`` RGB uint8 frames of
     ``request.height × request.width × 3``, in order. The models are loaded into (or
     reused from) ``resident``, the worker's (``job.gpu.resident``).
@@ -169,11 +161,11 @@ def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: Frame
     ``on_progress`` is called after every denoising step; an exception raised in it
     (a cancel) stops the scene there and comes out of here, with the model still
     resident and usable. A model that cannot be used raises ``ModelError``; a scene
-    that does not fit in VRAM even on the lowest rung, ``gpu.GpuOutOfMemory``.
+    that does not fit in VRAM even on the lowest rung, ``GpuOutOfMemory``.
     """
     started = time.monotonic()
-    device = gpu.pick_device(settings.device)
-    dtype = gpu.pick_dtype(device)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device)
     run = _SceneRun(request, settings, device, dtype, on_progress, resident)
     produced = 0
     for index in range(len(run.plan)):
@@ -195,169 +187,6 @@ def render_scene(request: SceneRequest, settings: DiffusionSettings, sink: Frame
     )
 
 
-# --- planning --------------------------------------------------------------------------------
-
-
-def valid_frames_at_least(count: int, step: int) -> int:
-    """The smallest ``step·k + 1`` (k ≥ 1) that is at least ``count``."""
-    return step * max(1, math.ceil((count - 1) / step)) + 1
-
-
-def valid_frames_at_most(count: int, step: int) -> int:
-    """The largest ``step·k + 1`` (k ≥ 1) that is at most ``count``."""
-    return step * max(1, (count - 1) // step) + 1
-
-
-def native_frames_needed(frames: int, fps: int, native_fps: int) -> int:
-    """Native frames covering ``frames`` output frames: up to the one nearest in time to
-    the last output frame."""
-    return round((frames - 1) * native_fps / fps) + 1
-
-
-def plan_generations(needed: int, max_frames: int, step: int, first_conditioned: bool,
-                     chained: bool) -> list[int]:
-    """Frame counts of the generations that make ``needed`` new frames between them,
-    each valid for the family and at most ``max_frames``, as equal as they can be.
-
-    A generation that starts from a given frame (``first_conditioned`` for the first,
-    ``chained`` for the rest) repeats that frame first, so it brings one frame less.
-    """
-    largest = valid_frames_at_most(max_frames, step)
-    first_gain = largest - first_conditioned
-    later_gain = largest - chained
-    count = 1 + max(0, math.ceil((needed - first_gain) / later_gain))
-    plan, remaining = [], needed
-    for index in range(count):
-        conditioned = first_conditioned if index == 0 else chained
-        share = math.ceil(remaining / (count - index))
-        frames = min(largest, valid_frames_at_least(share + conditioned, step))
-        plan.append(frames)
-        remaining -= frames - conditioned
-    return plan
-
-
-def generation_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """The size nearest to ``width × height`` that the model accepts (halves round up)."""
-    return (max(multiple, math.floor(width / multiple + 0.5) * multiple),
-            max(multiple, math.floor(height / multiple + 0.5) * multiple))
-
-
-# --- families ---------------------------------------------------------------------------------
-
-
-def model_index(model_dir: Path) -> dict[str, Any]:
-    """A diffusers folder's ``model_index.json``: the pipeline class and its config."""
-    index = model_dir / "model_index.json"
-    if not index.is_file():
-        raise ModelError(f"{model_dir} is not a diffusers model folder (no model_index.json); "
-                         "the diffusers backend needs one, e.g. Wan2.1-T2V-1.3B-Diffusers")
-    return json.loads(index.read_text(encoding="utf-8"))
-
-
-def family_rules(pipe: Any) -> FamilyRules:
-    """How the family of ``pipe`` is driven, from its own configs. Sizes are a multiple
-    of both what the pipeline's ``check_inputs`` demands and what its VAE and patches
-    divide evenly."""
-    name = type(pipe).__name__
-    transformer = pipe.transformer or getattr(pipe, "transformer_2", None)
-    if name.startswith("Wan"):
-        # Wan 2.2 TI2V 5B expands timesteps per token; it runs at 24 fps for 121 frames,
-        # Wan 2.1 and 2.2 A14B at 16 fps for 81.
-        fast = bool(pipe.config.get("expand_timesteps", False))
-        return FamilyRules(
-            frame_step=pipe.vae_scale_factor_temporal,
-            size_multiple=math.lcm(16, pipe.vae_scale_factor_spatial
-                                   * transformer.config.patch_size[1]),
-            native_fps=24 if fast else 16, max_frames=121 if fast else 81, steps=50,
-            guidance_scale=5.0)
-    if name.startswith("LTX"):
-        # LTX-Video 0.9.1+ decodes with timestep conditioning, and wants a little noise.
-        decode = {"decode_timestep": 0.03, "decode_noise_scale": 0.025} \
-            if pipe.vae.config.get("timestep_conditioning") else {}
-        return FamilyRules(
-            frame_step=pipe.vae_temporal_compression_ratio,
-            size_multiple=math.lcm(32, pipe.vae_spatial_compression_ratio
-                                   * transformer.config.patch_size),
-            native_fps=24, max_frames=161, steps=50, guidance_scale=3.0,
-            extra={"frame_rate": 24, **decode})
-    if name.startswith("CogVideoX"):
-        # CogVideoX 1.5 (temporal patches) runs at 16 fps, 2b and 5b at 8. The text
-        # length is part of the transformer's positions, so it must be passed.
-        version_1_5 = transformer.config.patch_size_t is not None
-        return FamilyRules(
-            frame_step=pipe.vae_scale_factor_temporal,
-            size_multiple=math.lcm(8, pipe.vae_scale_factor_spatial
-                                   * transformer.config.patch_size),
-            native_fps=16 if version_1_5 else 8, max_frames=transformer.config.sample_frames,
-            steps=50, guidance_scale=6.0,
-            extra={"max_sequence_length": transformer.config.max_text_seq_length})
-    raise ModelError(f"no rules for {name}")
-
-
-def same_weights_image_to_video(index: dict[str, Any]) -> str | None:
-    """The image-to-video pipeline that runs on these text-to-video weights, if any."""
-    name = index.get("_class_name")
-    if name == "LTXPipeline":
-        return "LTXImageToVideoPipeline"
-    if name == "WanPipeline" and index.get("expand_timesteps"):
-        return "WanImageToVideoPipeline"  # Wan 2.2 TI2V: one model for both
-    return None
-
-
-# --- loading ----------------------------------------------------------------------------------
-
-
-def _load(model_dir: Path, dtype: Any, device: Any, rung: gpu.Rung) -> Any:
-    import torch
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Progress bars are for terminals; the worker logs JSON lines.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    dtypes: Any = dtype
-    if model_index(model_dir)["_class_name"].startswith("Wan"):
-        dtypes = {"default": dtype, "vae": torch.float32}  # Wan's VAE decodes best in fp32
-    pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=dtypes, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    gpu.apply_rung(pipe, rung, device)
-    return pipe
-
-
-def _check_class(model_dir: Path, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
-    """The folder's model index, if its pipeline is one of ``allowed``."""
-    index = model_index(model_dir)
-    name = index.get("_class_name", "")
-    if name not in allowed:
-        raise ModelError(f"{model_dir.name} is a {name or 'pipeline of no known class'}; as "
-                         f"the {what} model the diffusers backend runs {', '.join(allowed)}")
-    return index
-
-
-def _check_requirements(class_name: str) -> None:
-    # diffusers' Wan image-to-video pipeline cleans prompts with ftfy without checking
-    # that it is installed, and would fail mid-job with a NameError.
-    if class_name == "WanImageToVideoPipeline" and importlib.util.find_spec("ftfy") is None:
-        raise ModelError("continuity with WanImageToVideoPipeline needs the ftfy package: "
-                         "pip install ftfy (or set [video] continuity = false)")
-
-
-def _compose(pipe: Any, class_name: str) -> Any:
-    """``class_name`` over the very modules of ``pipe``: no copy, no dtype change (unlike
-    ``from_pipe``, which casts everything to one dtype and would take Wan's VAE out of
-    fp32), and the offload hooks on the modules keep working."""
-    import diffusers
-
-    cls = getattr(diffusers, class_name)
-    accepted = inspect.signature(cls.__init__).parameters
-    components = {k: v for k, v in pipe.components.items() if k in accepted}
-    config = {k: v for k, v in pipe.config.items() if k in accepted and k not in components}
-    composed = cls(**components, **config)
-    composed.set_progress_bar_config(disable=True)
-    return composed
-
-
 # --- one scene ------------------------------------------------------------------------------
 
 
@@ -365,12 +194,12 @@ class _SceneRun:
     """The state of one ``render_scene`` call: models, plan, timings, the frame cursor."""
 
     def __init__(self, request: SceneRequest, settings: DiffusionSettings, device: Any,
-                 dtype: Any, on_progress: ProgressCallback | None, resident: gpu.Residency):
+                 dtype: Any, on_progress: ProgressCallback | None, resident: Residency):
         self.request, self.settings, self.residency = request, settings, resident
         self.device, self.dtype = device, dtype
         self.on_progress = on_progress or (lambda progress: None)
         self.load_s, self.denoise_s, self.reused = 0.0, 0.0, True
-        self.step_downs: list[gpu.StepDown] = []
+        self.step_downs: list[StepDown] = []
         self.last_output = np.zeros((request.height, request.width, 3), np.uint8)
         self.done_steps = 0
         self.step_times: list[float] = []  # seconds per step, this scene
@@ -396,14 +225,14 @@ class _SceneRun:
     def _choose_models(self) -> None:
         """Decide how the scene begins and how its generations chain, then load."""
         settings, request = self.settings, self.request
-        index = _check_class(settings.model_dir, TEXT_TO_VIDEO, "text-to-video")
+        index = check_pipeline_class(settings.model_dir, TEXT_TO_VIDEO, "text-to-video")
         self.same_weights = same_weights_image_to_video(index)
         separate = settings.i2v_model_dir
         if separate is not None:
-            _check_requirements(_check_class(separate, IMAGE_TO_VIDEO,
-                                             "continuity (image-to-video)")["_class_name"])
+            check_requirements(check_pipeline_class(separate, IMAGE_TO_VIDEO,
+                                                    "continuity (image-to-video)")["_class_name"])
         if self.same_weights is not None:
-            _check_requirements(self.same_weights)
+            check_requirements(self.same_weights)
         wants_start = settings.continuity and request.first_frame is not None
         # A scene is made by one model, so one set of rules holds for all its frames: a
         # scene that continues the last one with a separate model is all image-to-video;
@@ -425,17 +254,17 @@ class _SceneRun:
         else:
             self.text_to_video = self._acquire(ROLE, settings.model_dir)
 
-    def _acquire(self, role: str, model_dir: Path, rung: gpu.Rung | None = None) -> gpu.Resident:
+    def _acquire(self, role: str, model_dir: Path, rung: Rung | None = None) -> Resident:
         acquired = self.residency.acquire(
             role, model_dir, dtype=self.dtype, device=self.device, settings=self.settings.gpu,
             rung=rung or self.settings.rung,
-            load=lambda rung: _load(model_dir, self.dtype, self.device, rung))
+            load=lambda rung: load_pipeline(model_dir, self.dtype, self.device, rung))
         self.load_s += acquired.load_s
         self.reused = self.reused and acquired.reused
         return acquired.resident
 
     @property
-    def resident(self) -> gpu.Resident:
+    def resident(self) -> Resident:
         """The model that makes this scene."""
         return self.continuation if self.uses_separate else self.text_to_video
 
@@ -449,11 +278,11 @@ class _SceneRun:
         if not self._conditioned(index) or self.uses_separate:
             return resident.model
         if "image_to_video" not in resident.extras:
-            resident.extras["image_to_video"] = _compose(resident.model, self.same_weights)
+            resident.extras["image_to_video"] = compose_pipeline(resident.model, self.same_weights)
         return resident.extras["image_to_video"]
 
     @property
-    def rung(self) -> gpu.Rung:
+    def rung(self) -> Rung:
         return self.resident.rung
 
     @property
@@ -470,9 +299,9 @@ class _SceneRun:
                 frames = self._call(index)
                 break
             except Exception as exc:
-                if not gpu.is_out_of_memory(exc):
+                if not is_out_of_memory(exc):
                     raise
-                error = gpu.one_line(exc)
+                error = one_line(exc)
             # Out of the except block: the failed call's tensors are free to go.
             self._step_down(error)
         return frames[1:] if self._conditioned(index) else frames
@@ -481,7 +310,7 @@ class _SceneRun:
         role = CONTINUITY_ROLE if self.uses_separate else ROLE
         step = self.residency.step_down(role, error)
         if step is None:
-            raise gpu.GpuOutOfMemory(
+            raise GpuOutOfMemory(
                 f"scene {self.request.number} does not fit in GPU memory even on the "
                 f"lowest rung ({self.size[0]}×{self.size[1]}, {max(self.plan)} frames per "
                 f"generation; {error}); ask for a smaller size or free the GPU of other "
@@ -602,7 +431,7 @@ def _reset_after_interrupt(pipe: Any, owner: Any) -> None:
         target._interrupt = False
         target._current_timestep = None
         target.maybe_free_model_hooks()
-    gpu.empty_cache()
+    empty_cache()
 
 
 def last_frame_of_clip(path: Path, width: int, height: int) -> np.ndarray:

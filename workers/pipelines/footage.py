@@ -20,8 +20,9 @@ import numpy as np
 from daemon import files
 from daemon.config import Config
 from daemon.storyboard import Storyboard, StoryboardScene
-from workers import gpu, models
+from workers import models
 from workers.context import JobContext
+from workers.device import GpuSettings
 from workers.pipelines import diffusion, encode
 from workers.pipelines.animatic import SCENES_DIR, SceneClip, thumbnail_jpeg
 from workers.pipelines.llm_storyboard import video_prompt
@@ -47,7 +48,7 @@ def settings_for(config: Config) -> diffusion.DiffusionSettings:
         continuity=video.continuity,
         i2v_model_dir=models.require(config.models.dir, continuity_model)
         if continuity_model else None,
-        gpu=gpu.GpuSettings.from_config(config),
+        gpu=GpuSettings.from_config(config),
     )
 
 

@@ -18,7 +18,7 @@ earlier ones failed, and the prompt each scene will send to the video model (the
 description, the camera and the job's style line; the job's seed is the
 storyboard's and serves every scene).
 
-The model stays resident between jobs (in the worker's ``gpu.Residency``, role
+The model stays resident between jobs (in the worker's ``Residency``, role
 ``"storyboard"``); when the video model needs its VRAM it is moved off the GPU. It
 runs whole: out of GPU memory, it is unloaded and the rules planner takes over.
 """
@@ -47,8 +47,11 @@ from daemon.storyboard import (
     Storyboard,
     StoryboardScene,
 )
-from workers import gpu
+from workers.device import GpuSettings, pick_device, pick_dtype
+from workers.gpu import is_gpu_error, is_out_of_memory, one_line
+from workers.ladder import Rung
 from workers.models import ModelError
+from workers.residency import Acquired, ModelWith, Residency, Resident
 
 ROLE = "storyboard"
 PREFERRED_MIN_SCENES = 3
@@ -87,7 +90,7 @@ class LlmSettings:
     text_limit: int = 300  # characters per title, description, subtitle and action
     device: str | None = None  # None: the GPU if there is one
     keep_resident: bool = True  # False: unload the model once the storyboard is written
-    gpu: gpu.GpuSettings = gpu.GpuSettings()
+    gpu: GpuSettings = GpuSettings()
 
     def __post_init__(self) -> None:
         if not 1 <= self.text_limit <= MAX_TEXT:
@@ -131,7 +134,7 @@ def video_prompt(scene: StoryboardScene, style: str) -> str:
 def plan_storyboard(request: PlanRequest, settings: LlmSettings,
                     on_tokens: TokenCallback | None = None,
                     log: Callable[..., None] | None = None, *,
-                    resident: gpu.Residency) -> LlmStoryboard:
+                    resident: Residency) -> LlmStoryboard:
     """The storyboard for ``request`` (checked by the video pipeline already), the model
     loaded into (or reused from) ``resident``, the worker's (``job.gpu.resident``).
 
@@ -160,9 +163,9 @@ def plan_storyboard(request: PlanRequest, settings: LlmSettings,
             board = _ask(acquired.resident, request, messages, schema, settings, on_tokens,
                          attempts)
         except Exception as exc:
-            if not gpu.is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
-            error = gpu.one_line(exc)
+            error = one_line(exc)
         if error:  # out of the except block: the failed call's tensors are free to go
             resident.evict(ROLE)
             attempts.append(Attempt("llm", False, f"out of GPU memory ({error})", "", 0.0))
@@ -184,7 +187,7 @@ def plan_storyboard(request: PlanRequest, settings: LlmSettings,
                          attempts, load_s, reused)
 
 
-def _ask(resident: gpu.Resident, request: PlanRequest, messages: list[dict[str, str]],
+def _ask(resident: Resident, request: PlanRequest, messages: list[dict[str, str]],
          schema: type[BaseModel], settings: LlmSettings, on_tokens: TokenCallback | None,
          attempts: list[Attempt]) -> Storyboard | None:
     """Constrained, then plain, then one repair: the storyboard of the first valid reply."""
@@ -258,7 +261,7 @@ def system_prompt(request: PlanRequest, low: int, high: int) -> str:
 
 
 @dataclass
-class ChatModel(gpu.ModelWith):
+class ChatModel(ModelWith):
     """A causal LM and its tokenizer."""
 
     tokenizer: Any
@@ -268,14 +271,14 @@ class ChatModel(gpu.ModelWith):
         return self.model.device
 
 
-def _acquire(settings: LlmSettings, resident: gpu.Residency) -> gpu.Acquired:
-    device = gpu.pick_device(settings.device)
-    dtype = gpu.pick_dtype(device)
+def _acquire(settings: LlmSettings, resident: Residency) -> Acquired:
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device)
     # The storyboard model runs whole: other roles' models are parked to make room for
     # it, and if it still does not fit, the rules planner is a better storyboard writer
     # than a model offloaded layer by layer for every one of a thousand tokens.
     return resident.acquire(ROLE, settings.model_dir, dtype=dtype, device=device,
-                            settings=settings.gpu, rungs=(gpu.Rung.ON_DEVICE,),
+                            settings=settings.gpu, rungs=(Rung.ON_DEVICE,),
                             load=lambda rung: _load(settings.model_dir, dtype, device))
 
 
@@ -364,7 +367,7 @@ def _generate_plain(chat: ChatModel, messages: list[dict[str, str]], settings: L
 Asked = tuple[PlanPath, str, str, float]
 
 
-def _constrained(chat: ChatModel, resident: gpu.Resident, messages: list[dict[str, str]],
+def _constrained(chat: ChatModel, resident: Resident, messages: list[dict[str, str]],
                  schema: type[BaseModel], settings: LlmSettings,
                  on_tokens: TokenCallback | None) -> Asked:
     started = time.monotonic()
@@ -376,7 +379,7 @@ def _constrained(chat: ChatModel, resident: gpu.Resident, messages: list[dict[st
     except ImportError as exc:
         return "llm-constrained", "", f"outlines is not installed ({exc})", started
     except Exception as exc:
-        if gpu.is_gpu_error(exc):
+        if is_gpu_error(exc):
             raise
         # A tokenizer or model outlines cannot build a grammar for: plain decoding may.
         return ("llm-constrained", "", f"constrained decoding failed "
@@ -385,7 +388,7 @@ def _constrained(chat: ChatModel, resident: gpu.Resident, messages: list[dict[st
     return "llm-constrained", reply, "", started
 
 
-def _outlines_generator(chat: ChatModel, resident: gpu.Resident,
+def _outlines_generator(chat: ChatModel, resident: Resident,
                         schema: type[BaseModel]) -> Any:
     """outlines' generator for ``schema``, built once per model and schema (building the
     grammar's index over a large vocabulary takes seconds)."""

@@ -23,12 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import files
 from daemon.config import Config, UpscaleConfig
 from daemon.jobs import JobError
-from workers import gpu, media, reports
+from workers import media, reports
 from workers.context import JobContext, JobResult
+from workers.device import GpuSettings, pick_device, pick_dtype
+from workers.ladder import Rung
 from workers.pipelines import encode
+from workers.residency import ModelWith, Residency
 from workers.tiling import TilingReport, upscale_tiled
 
-ROLE = "upscale"  # in the worker's gpu.Residency
+ROLE = "upscale"  # in the worker's Residency
 INPUTS = media.IMAGE_SUFFIXES + media.VIDEO_SUFFIXES
 IMAGE_OUTPUT = "result.upscaled.png"
 VIDEO_OUTPUT = "result.upscaled.mp4"
@@ -54,15 +57,15 @@ def models(config: Config) -> dict[str, Path]:
 
 
 @dataclass
-class Upscaler(gpu.ModelWith):
+class Upscaler(ModelWith):
     """A super-resolution network with its scale and the dtype it runs in."""
 
     scale: int
     dtype: Any
 
 
-def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettings,
-                  resident: gpu.Residency) -> Upscaler:
+def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: GpuSettings,
+                  resident: Residency) -> Upscaler:
     """The model of ``[upscale] model``, kept resident between jobs in ``resident`` (the
     worker's, ``job.gpu.resident``; role ``"upscale"``)."""
     import torch
@@ -72,15 +75,15 @@ def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: gpu.GpuSettin
         raise JobError(f"no upscaling model is configured: {INSTALL_HINT}")
     if not path.is_file():
         raise JobError(f"[upscale] model = {str(path)!r} does not exist: {INSTALL_HINT}")
-    device = gpu.pick_device()
+    device = pick_device()
     # The half type this GPU runs best; the model may need a wider one (_runnable_dtype),
     # but the dtype asked for is what tells a later job it can reuse this model.
-    dtype = gpu.pick_dtype(device) if half else torch.float32
+    dtype = pick_dtype(device) if half else torch.float32
     # Only the on-device rung: the offload rungs place diffusers pipelines, an ESRGAN
     # network is a few tens of MB, and tiled inference already bounds what it needs
     # beyond its weights. Other roles' models are parked to make room for it instead.
     acquired = resident.acquire(ROLE, path, dtype=dtype, device=device,
-                                settings=gpu_config, rungs=(gpu.Rung.ON_DEVICE,),
+                                settings=gpu_config, rungs=(Rung.ON_DEVICE,),
                                 load=lambda rung: _load(path, dtype, device))
     return acquired.resident.model
 
@@ -171,7 +174,7 @@ def run(job: JobContext) -> JobResult:
     with job.stage("load"):
         job.progress("load", 0, "loading the model")
         half = settings.half if options.half is None else options.half
-        upscaler = load_upscaler(settings, half, gpu.GpuSettings.from_config(job.config),
+        upscaler = load_upscaler(settings, half, GpuSettings.from_config(job.config),
                                  job.gpu.resident)
         model, scale, dtype = upscaler.model, upscaler.scale, upscaler.dtype
     tile = options.tile or settings.tile

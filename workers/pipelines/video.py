@@ -37,10 +37,12 @@ from daemon.config import (
 )
 from daemon.jobs import JobError, describe_validation_error
 from daemon.storyboard import Scene
-from workers import fonts, gpu
+from workers import fonts
 from workers.context import JobContext, JobResult
+from workers.device import GpuSettings
 from workers.models import located, require
 from workers.pipelines import animatic, encode, footage, post, report
+from workers.vram import VramMonitor
 
 VIDEO_FILE = "video.mp4"
 INPUTS: tuple[str, ...] = ()  # text only: the prompt, and the options
@@ -140,7 +142,7 @@ def run(job: JobContext) -> JobResult:
     post_settings = options.post_settings(config.post)
     # On a GPU host, VRAM is sampled through every stage: its peak and timeline go in
     # the report. On the CPU the monitor does nothing.
-    vram = gpu.VramMonitor(gpu.GpuSettings.from_config(config), on_warning=job.warn)
+    vram = VramMonitor(GpuSettings.from_config(config), on_warning=job.warn)
     with vram:
         board, planned_by = _plan(job, options, fmt)
         # A storyboard written by an LLM can say what the prompt did not.
@@ -200,7 +202,7 @@ def _plan(job: JobContext, options: Options, fmt: encode.VideoFormat
 
             llm = llm_storyboard.LlmSettings(
                 model_dir=require(job.config.models.dir, settings.model),
-                constrained=settings.constrained, gpu=gpu.GpuSettings.from_config(job.config))
+                constrained=settings.constrained, gpu=GpuSettings.from_config(job.config))
             made = llm_storyboard.plan_storyboard(
                 request, llm, log=job.log, resident=job.gpu.resident,
                 on_tokens=lambda done, most: job.progress(

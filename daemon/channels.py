@@ -1,17 +1,18 @@
 """Channels as the daemon sees them. Each channel (a module or package in ``intake``)
-declares a ``ChannelType``: the name its jobs carry as their source, whether the
-configuration turns it on, how to build it, and its doctor checks. The daemon service
+declares a ``ChannelType``: the name its jobs carry as their source, its tables under
+``[intake]``, whether the configuration turns it on, how to build it, and its doctor
+checks. The daemon service
 and the doctor go through ``intake.channels.channel_types(config)`` and know no channel
 by name."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from daemon.config import Config
+from daemon.config import Config, Tables
 from daemon.findings import Finding
 from daemon.jobs import JobOutcome, JobSpec
 from daemon.submit import Submitter
@@ -39,6 +40,7 @@ class ChannelType:
     enabled: Callable[[Config], bool]
     build: Callable[[Config, Submitter], RunningChannel]
     checks: Callable[[Config], list[Finding]]
+    settings: Tables = field(default_factory=dict)  # its tables under [intake]
 
 
 def build_channels(types: list[ChannelType], config: Config, submitter: Submitter

@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from daemon.config import Config, ConfigError, find_config_file, load_config
+from daemon.compose import read_config
+from daemon.config import Config, ConfigError, find_config_file
 from daemon.jobs import (
     Channel,
     JobError,
@@ -495,7 +496,7 @@ COMMANDS = {"up": cmd_up, "daemon": cmd_daemon, "worker": cmd_worker, "submit": 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = read_config(args.config)
     except ConfigError as exc:
         _error(str(exc))
         return 2

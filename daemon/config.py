@@ -11,21 +11,21 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
-
-from daemon.schedule import Priority
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -50,16 +50,36 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo in config.toml must not be silently ignored.
+class Section(BaseModel):
+    """A table of config.toml. Unknown keys are errors: a typo must not be silently
+    ignored. A table with paths makes them absolute in ``resolve_paths``."""
+
     model_config = ConfigDict(extra="forbid")
 
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        """Make relative paths absolute with ``resolve``; by default, the sub-tables'."""
+        for _, value in self:
+            items = value if isinstance(value, list) else \
+                list(value.values()) if isinstance(value, dict) else [value]
+            for item in items:
+                if isinstance(item, Section):
+                    item.resolve_paths(resolve)
 
-class StateConfig(_Section):
+
+# The tables a job kind or a channel owns and defines beside itself: table name → its
+# model (defaulting to the model's defaults), or a pydantic field definition
+# ``(annotation, Field(...))`` where the default is something else.
+Tables = Mapping[str, Any]
+
+
+class StateConfig(Section):
     dir: Path = Path("var")
 
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        self.dir = resolve(self.dir)
 
-class RedisConfig(_Section):
+
+class RedisConfig(Section):
     url: str = ""
     # The embedded server's AOF fsync: "always" makes a job durable before it is
     # acknowledged (a power cut loses no accepted job); "everysec" is faster and may
@@ -74,28 +94,9 @@ class RedisConfig(_Section):
         return url
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
-
-
-class FolderIntakeConfig(_Section):
-    path: Path
-    kind: str = "video"
-    poll: bool = False
-    poll_interval: Duration = 1.0
-    settle: Duration = 2.0
-    max_file_mb: float = Field(default=1.0, gt=0)
-    priority: Priority = "batch"
-
-    @field_validator("priority", mode="before")
-    @classmethod
-    def _priority_number(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool):
-            raise ValueError('is now a queue class: "batch" (the default for folders) or '
-                             '"interactive"; see [queue] interactive_lead')
-        return value
-    options: dict[str, Any] = Field(default_factory=dict)
 
 
 def resolve_secret(value: str) -> str | None:
@@ -106,80 +107,7 @@ def resolve_secret(value: str) -> str | None:
     return value or None
 
 
-class HttpToken(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    token: str
-    role: Literal["user", "admin"] = "user"
-    # Per-token caps, 0: none. Beyond them a POST gets 429 saying when to come back.
-    max_queued: int = Field(default=0, ge=0)
-    max_jobs_per_day: int = Field(default=0, ge=0)
-    priority: Priority = "interactive"
-
-    @property
-    def secret(self) -> str | None:
-        return resolve_secret(self.token)
-
-
-class HttpIntakeConfig(_Section):
-    enabled: bool = True
-    listen: str = "127.0.0.1:8686"
-    max_body_mb: float = Field(default=512, gt=0)
-    # How long the signed file links in job responses stay valid.
-    link_ttl: Duration = 7 * 86400.0
-    tokens: list[HttpToken] = Field(
-        default_factory=lambda: [HttpToken(name="default", token="env:REELQUEUE_TOKEN",
-                                           role="admin")]
-    )
-
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8686")
-        return value
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
-
-
-class ChatIntakeConfig(_Section):
-    enabled: bool = False
-    token: str = "env:REELQUEUE_TELEGRAM_TOKEN"
-    # A local Bot API server keeps chat inside the building.
-    base_url: str = "https://api.telegram.org/bot"
-    base_file_url: str = "https://api.telegram.org/file/bot"
-    allowed_user_ids: list[int] = Field(default_factory=list)
-    allowed_chat_ids: list[int] = Field(default_factory=list)
-    admin_user_ids: list[int] = Field(default_factory=list)
-    max_upload_mb: float = Field(default=50, gt=0)
-    max_jobs_per_user_per_day: int = Field(default=20, ge=0)
-    max_queued_per_user: int = Field(default=3, ge=0)
-    max_prompt_chars: int = Field(default=2000, ge=1, le=10_000)
-    # The progress message is edited at most this often.
-    progress_interval: Duration = 5.0
-    # Links instead of uploads for videos over max_upload_mb, when the HTTP API is public.
-    public_base_url: str = ""
-
-    @property
-    def secret(self) -> str | None:
-        return resolve_secret(self.token)
-
-
-class IntakeConfig(_Section):
-    folder: list[FolderIntakeConfig] = Field(
-        default_factory=lambda: [FolderIntakeConfig(path=Path("inbox"))]
-    )
-    http: HttpIntakeConfig = Field(default_factory=HttpIntakeConfig)
-    chat: ChatIntakeConfig = Field(default_factory=ChatIntakeConfig)
-
-
-class QueueConfig(_Section):
+class QueueConfig(Section):
     # New jobs are refused ("queue full") beyond this many waiting; 0: no cap. The drop
     # folder keeps such files in the inbox and tries again later.
     max_queued: int = Field(default=10_000, ge=0)
@@ -207,20 +135,23 @@ class QueueConfig(_Section):
         return patterns
 
 
-class WorkerConfig(_Section):
+class WorkerConfig(Section):
     job_timeout: Duration = 7200.0
     keep_results: Duration = 7 * 86400.0
     max_tries: int = Field(default=3, ge=1, le=20)
     name: str = ""
 
 
-class ModelsConfig(_Section):
+class ModelsConfig(Section):
     # Where models live; a model setting names a folder (or file) in here, or gives an
     # absolute path. Weights are never downloaded at run time.
     dir: Path = Path("models")
 
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        self.dir = resolve(self.dir)
 
-class GpuConfig(_Section):
+
+class GpuConfig(Section):
     # VRAM kept free for everything else on the card.
     reserve_gb: float = Field(default=1.0, ge=0)
     # The most VRAM this worker may use (e.g. 8 on a shared card); 0: the whole card.
@@ -229,82 +160,11 @@ class GpuConfig(_Section):
     warn_percent: float = Field(default=85.0, gt=0, le=100)
 
 
-class StoryboardConfig(_Section):
-    # "rules": split the prompt at sentences; "llm": a local chat model writes the scenes.
-    backend: Literal["rules", "llm"] = "rules"
-    # The chat model for backend = "llm" (e.g. Qwen2.5-1.5B-Instruct in [models] dir).
-    model: str = ""
-    # Schema-constrained decoding (outlines): the JSON is valid by construction.
-    constrained: bool = True
-
-    @model_validator(mode="after")
-    def _model_for_llm(self) -> StoryboardConfig:
-        if self.backend == "llm" and not self.model:
-            raise ValueError('backend = "llm" needs model = "<a chat model folder in [models] '
-                             'dir>", e.g. "Qwen2.5-1.5B-Instruct"')
-        return self
-
-
-class VideoConfig(_Section):
-    # "animatic": a storyboard film, needs no weights; "diffusers": a local text-to-video
-    # model (Wan 2.1/2.2, LTX-Video, CogVideoX), its family read from model_index.json.
-    backend: Literal["animatic", "diffusers"] = "animatic"
-    # The text-to-video model for backend = "diffusers": a name in [models] dir.
-    model: str = ""
-    # Start each scene from the previous scene's last frame (image-to-video).
-    continuity: bool = True
-    # A separate image-to-video model for continuity, when the main model has none.
-    continuity_model: str = ""
-    # Denoising steps; 0: the model family's default.
-    steps: int = Field(default=0, ge=0, le=200)
-    width: int = Field(default=832, ge=64, le=3840)
-    height: int = Field(default=480, ge=64, le=2160)
-    fps: int = Field(default=16, ge=1, le=60)
-    scene_seconds: float = Field(default=5.0, ge=3, le=8)
-    crf: int = Field(default=20, ge=0, le=51)
-    font: Path | None = None
-
-    @field_validator("width", "height")
-    @classmethod
-    def _even(cls, value: int) -> int:
-        if value % 2:
-            raise ValueError("must be even (H.264 with yuv420p needs even sizes)")
-        return value
-
-    @model_validator(mode="after")
-    def _model_for_diffusers(self) -> VideoConfig:
-        if self.backend == "diffusers" and not self.model:
-            raise ValueError('backend = "diffusers" needs model = "<a model folder in [models] '
-                             'dir>", e.g. "Wan2.1-T2V-1.3B-Diffusers"')
-        return self
-
-
-class UpscaleConfig(_Section):
-    # A local ESRGAN-family .pth (e.g. models/RealESRGAN_x4plus.pth), loaded with spandrel.
-    model: Path | None = None
-    # Tiles keep an 8 GB GPU enough for large images: core size, feathered overlap, and
-    # context each tile sees beyond its core so edges match the whole-image result.
-    tile: int = Field(default=192, ge=16, le=4096)
-    tile_overlap: int = Field(default=16, ge=0, le=512)
-    tile_context: int = Field(default=16, ge=0, le=512)
-    # fp16/bf16 on a GPU when the model supports it (a NaN/Inf tile falls back to fp32).
-    half: bool = True
-    max_frames: int = Field(default=3000, ge=1)
-
-
-class CaptionConfig(_Section):
-    # A local GIT video-captioning checkpoint directory (e.g. models/git-base-vatex).
-    model: Path | None = None
-    max_length: int = Field(default=40, ge=5, le=200)
-    # A video with shot changes is also captioned per shot, up to this many shots.
-    max_shots: int = Field(default=8, ge=1, le=50)
-
-
 COMMAND_PLACEHOLDERS = ("{input}", "{outdir}", "{jobdir}", "{prompt}", "{job_id}")
 INPUT_TYPES = ("video", "image", "burst", "audio", "text")
 
 
-class CommandPipelineConfig(_Section):
+class CommandPipelineConfig(Section):
     """A research model's own CLI and environment, run as a job kind (``[pipelines.X]``)."""
 
     type: Literal["command"]
@@ -319,6 +179,10 @@ class CommandPipelineConfig(_Section):
     # Extra environment for the command; nothing else of the daemon's environment
     # (tokens, secrets) is passed on, only PATH, HOME and the locale.
     env: dict[str, str] = Field(default_factory=dict)
+
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        if self.cwd is not None:
+            self.cwd = resolve(self.cwd)
 
     @field_validator("inputs")
     @classmethod
@@ -348,64 +212,7 @@ class CommandPipelineConfig(_Section):
         return patterns
 
 
-# --- [post]: what turns scene clips into a finished video -------------------------------
-
-SubtitleMode = Literal["burn", "soft", "off"]
-SubtitleStyle = Literal["outline", "box"]
-Transition = Literal["cut", "crossfade", "fade"]
-LookPreset = Literal["none", "natural", "warm", "vintage", "crisp"]
-MUSIC_RANDOM = "random"
-
-
-def _music_name(value: str) -> str:
-    # A name inside [post] music_dir, never a path: a job must not read other files.
-    if value and (value != value.strip() or "/" in value or "\\" in value
-                  or value.startswith(".")):
-        raise ValueError('must be "" (no music), "random", or a file name in [post] music_dir '
-                         "(no folders, no leading dot)")
-    return value
-
-
-MusicChoice = Annotated[str, AfterValidator(_music_name)]
-# Shared by [post] and the video kind's per-job options, so both check the same ranges.
-Crf = Annotated[int, Field(ge=0, le=51)]
-MusicVolume = Annotated[float, Field(ge=0, le=2)]
-MusicFade = Annotated[Duration, Field(le=30)]
-TransitionSeconds = Annotated[Duration, Field(ge=0.05, le=2)]
-SmoothMotion = Annotated[int, Field(ge=1, le=4)]
-MaxMegabytes = Annotated[float, Field(ge=0)]
-
-
-class LookConfig(_Section):
-    """A colour look: a preset, and raw values that override the preset's."""
-
-    preset: LookPreset = "none"
-    brightness: float | None = Field(default=None, ge=-1, le=1)
-    contrast: float | None = Field(default=None, ge=0, le=3)
-    saturation: float | None = Field(default=None, ge=0, le=3)
-    warmth: float | None = Field(default=None, ge=-1, le=1)
-    vignette: float | None = Field(default=None, ge=0, le=1)
-    sepia: float | None = Field(default=None, ge=0, le=1)
-    denoise: float | None = Field(default=None, ge=0, le=1)
-    white_balance: bool | None = None
-    clahe: float | None = Field(default=None, ge=0, le=8)
-
-
-class PostConfig(_Section):
-    subtitles: SubtitleMode = "burn"
-    subtitle_style: SubtitleStyle = "outline"
-    music: MusicChoice = ""
-    music_dir: Path | None = None
-    music_volume: MusicVolume = 0.5
-    music_fade: MusicFade = 2.0
-    transition: Transition = "crossfade"
-    transition_duration: TransitionSeconds = 0.5
-    look: LookPreset | LookConfig = "none"
-    smooth_motion: SmoothMotion = 1
-    max_mb: MaxMegabytes = 0
-
-
-class PostTarget(_Section):
+class PostTarget(Section):
     channel: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")  # a channel that can post
     to: str  # where, in that channel's terms: a chat id for chat
 
@@ -415,7 +222,7 @@ class PostTarget(_Section):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class DigestConfig(_Section):
+class DigestConfig(Section):
     enabled: bool = False
     at: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     window: Duration = Field(default=86400.0, gt=0)
@@ -434,6 +241,10 @@ class DigestConfig(_Section):
                 data["post"] = [*data.get("post", []), {"channel": "chat", "to": chat_id}]
         return data
 
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        if self.out_dir is not None:
+            self.out_dir = resolve(self.out_dir)
+
     @property
     def hour_minute(self) -> tuple[int, int]:
         hour, minute = self.at.split(":")
@@ -443,7 +254,7 @@ class DigestConfig(_Section):
 _MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
-class PluginsConfig(_Section):
+class PluginsConfig(Section):
     """Job kinds and channels from Python modules of one's own, without editing
     reelqueue: each module must be importable by the daemon and the workers."""
 
@@ -453,21 +264,18 @@ class PluginsConfig(_Section):
     channels: list[Annotated[str, Field(pattern=_MODULE)]] = Field(default_factory=list)
 
 
-class Config(_Section):
+class Config(Section):
+    """The core's tables. The channels' tables ([intake.http], …) and the job kinds'
+    ([video], [post], [upscale], …) join them in the class ``config_model`` makes."""
+
     state: StateConfig = Field(default_factory=StateConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
-    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
-    video: VideoConfig = Field(default_factory=VideoConfig)
-    storyboard: StoryboardConfig = Field(default_factory=StoryboardConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
-    post: PostConfig = Field(default_factory=PostConfig)
     digest: DigestConfig = Field(default_factory=DigestConfig)
-    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
-    caption: CaptionConfig = Field(default_factory=CaptionConfig)
     pipelines: dict[str, CommandPipelineConfig] = Field(default_factory=dict)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     # Where the file came from; relative paths were resolved against its folder.
@@ -506,22 +314,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         path = path.expanduser()
         return path if path.is_absolute() else (base / path).resolve()
 
-    config.state.dir = resolve(config.state.dir)
-    for folder in config.intake.folder:
-        folder.path = resolve(folder.path)
-    if config.video.font is not None:
-        config.video.font = resolve(config.video.font)
-    if config.post.music_dir is not None:
-        config.post.music_dir = resolve(config.post.music_dir)
-    if config.digest.out_dir is not None:
-        config.digest.out_dir = resolve(config.digest.out_dir)
-    config.models.dir = resolve(config.models.dir)
-    for section in (config.upscale, config.caption):
-        if section.model is not None:
-            section.model = resolve(section.model)
-    for pipeline in config.pipelines.values():
-        if pipeline.cwd is not None:
-            pipeline.cwd = resolve(pipeline.cwd)
+    config.resolve_paths(resolve)
     return config
 
 
@@ -534,11 +327,36 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     return local if local.is_file() else None
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the configuration; raise ``ConfigError`` with a readable message."""
+def _field(definition: Any) -> tuple[Any, Any]:
+    if isinstance(definition, tuple):
+        return definition
+    return definition, Field(default_factory=definition)
+
+
+@cache
+def _model_for(kinds: tuple[tuple[str, Any], ...], channels: tuple[tuple[str, Any], ...]
+               ) -> type[Config]:
+    intake = create_model("IntakeConfig", __base__=Section,
+                          **{name: _field(table) for name, table in channels})
+    fields = {name: _field(table) for name, table in kinds}
+    return create_model("Config", __base__=Config, intake=_field(intake), **fields)
+
+
+def config_model(kinds: Tables, channels: Tables) -> type[Config]:
+    """The configuration's class: the core's tables, the channels' under ``[intake]``
+    and the kinds' (one class per set of tables; ``config_model(…)(...)`` builds a
+    configuration in code)."""
+    return _model_for(tuple(sorted(kinds.items())), tuple(sorted(channels.items())))
+
+
+def load_config(path: str | os.PathLike[str] | None, kinds: Tables, channels: Tables
+                ) -> Config:
+    """Read and validate the configuration, with the tables of the job kinds and the
+    channels a process has; raise ``ConfigError`` with a readable message."""
+    model = config_model(kinds, channels)
     file = find_config_file(path)
     if file is None:
-        return _resolve_paths(Config(), Path.cwd())
+        return _resolve_paths(model(), Path.cwd())
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -546,7 +364,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     try:
-        config = Config.model_validate(raw)
+        config = model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, str(file))) from None
     config.source_path = file.resolve()

@@ -34,7 +34,8 @@ from types import ModuleType
 
 import redis
 
-from daemon.config import Config, ConfigError, load_config
+from daemon.compose import read_config
+from daemon.config import Config, ConfigError
 from daemon.findings import Finding, Level
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from intake.channels import channel_types
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                         "does not within SECONDS)")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = read_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

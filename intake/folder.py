@@ -19,10 +19,13 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from pydantic import Field, field_validator
 from redis.exceptions import RedisError
 from watchdog.events import (
     DirCreatedEvent,
@@ -38,7 +41,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from daemon import files
-from daemon.config import Config, FolderIntakeConfig
+from daemon.config import Config, Duration, Section
 from daemon.jobs import (
     Channel,
     JobError,
@@ -50,6 +53,7 @@ from daemon.jobs import (
     job_dir,
 )
 from daemon.logs import get_logger
+from daemon.schedule import Priority
 from daemon.submit import Refusal, Refused, Request, Submitter, Upload
 from intake.jobfile import parse_request
 
@@ -66,6 +70,35 @@ WAIT_IN_INBOX = (Refusal.queue_full, Refusal.queued_cap, Refusal.daily_cap)
 RETRY_S = 2.0  # a file that could not be queued (Redis away) is offered again after this
 
 log = get_logger(component="folder")
+
+
+class FolderIntakeConfig(Section):
+    """One ``[[intake.folder]]`` table: a watched inbox."""
+    path: Path
+    kind: str = "video"
+    poll: bool = False
+    poll_interval: Duration = 1.0
+    settle: Duration = 2.0
+    max_file_mb: float = Field(default=1.0, gt=0)
+    priority: Priority = "batch"
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError('is now a queue class: "batch" (the default for folders) or '
+                             '"interactive"; see [queue] interactive_lead')
+        return value
+
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def resolve_paths(self, resolve: Callable[[Path], Path]) -> None:
+        self.path = resolve(self.path)
+
+
+# The channel's tables under [intake]: one inbox by default.
+SETTINGS = {"folder": (list[FolderIntakeConfig],
+                       Field(default_factory=lambda: [FolderIntakeConfig(path=Path("inbox"))]))}
 
 
 def is_ignored(name: str) -> bool:

@@ -29,8 +29,7 @@ from aiohttp import BodyPartReader, web
 from redis.exceptions import RedisError
 
 from daemon import links, metrics
-from daemon.config import Config, HttpToken
-from daemon.findings import Finding, Level, where_secret_comes_from
+from daemon.config import Config
 from daemon.jobs import (
     Channel,
     JobError,
@@ -45,6 +44,7 @@ from daemon.logs import get_logger
 from daemon.lookup import find_job
 from daemon.schedule import Priority
 from daemon.submit import Limits, Refusal, Refused, Request, Submitter, Upload
+from intake.http_settings import HttpToken
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
@@ -519,23 +519,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def token_checks(config: Config) -> list[Finding]:
-    """The doctor's look at ``[intake.http]``: is any token usable?"""
-    http = config.intake.http
-    usable = [token.name for token in http.tokens if token.secret]
-    disabled = [token for token in http.tokens if not token.secret]
-    if not usable:
-        reasons = "; ".join(f"{t.name}: {where_secret_comes_from(t.token)}" for t in disabled)
-        return [Finding(Level.ERROR, "config",
-                        f"the HTTP API on {http.listen} is enabled but no token is usable "
-                        f"({reasons or 'none configured'}), so every request is refused",
-                        "set the token's variable in /etc/reelqueue/env (or the environment), "
-                        "or set [intake.http] enabled = false")]
-    findings = [Finding(Level.OK, "config",
-                        f"HTTP API on {http.listen}: usable tokens: {', '.join(usable)}")]
-    findings += [Finding(Level.INFO, "config",
-                         f"HTTP token {t.name} is disabled: {where_secret_comes_from(t.token)}")
-                 for t in disabled]
-    return findings

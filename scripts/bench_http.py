@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.cli import open_queue  # noqa: E402
-from daemon.config import load_config  # noqa: E402
+from daemon.compose import read_config  # noqa: E402
 from daemon.redis_server import EmbeddedRedis  # noqa: E402
 
 TOKEN = "bench-token"
@@ -104,7 +104,7 @@ def measure(args: argparse.Namespace, appendfsync: str) -> dict[str, object]:
         '[[intake.folder]]\npath = "inbox"\n'
         f'[intake.http]\nlisten = "127.0.0.1:{port}"\n'
         f'[[intake.http.tokens]]\nname = "bench"\ntoken = "{TOKEN}"\n')
-    config = load_config(config_path)
+    config = read_config(config_path)
     daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config_path),
                                "daemon"], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -26,13 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.config import Config, LogConfig, StateConfig  # noqa: E402
+from daemon.compose import config_class
+from daemon.config import LogConfig, StateConfig  # noqa: E402
 from daemon.jobs import JobSpec, Source, job_dir, new_job_id  # noqa: E402
 from daemon.logs import configure_logging  # noqa: E402
 from tests.synthetic import CURVES, psnr, render, ssim  # noqa: E402
 from workers import media  # noqa: E402
 from workers.pipelines.long_exposure import OUTPUT_FILE  # noqa: E402
 from workers.runner import run_job_sync  # noqa: E402
+
+Config = config_class()  # the core's tables and the kinds'
 
 SUBFRAMES = 129  # k = 4, 8, 16 all divide 128: the same exposure window for each
 

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.cli import open_queue, wait_for_worker  # noqa: E402
-from daemon.config import load_config  # noqa: E402
+from daemon.compose import read_config  # noqa: E402
 from daemon.jobs import Channel, JobSpec, Source, new_job_id, write_spec  # noqa: E402
 from daemon.logs import configure_logging  # noqa: E402
 from daemon.supervisor import Supervisor  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> int:
     config_path = workdir / "config.toml"
     config_path.write_text('[state]\ndir = "var"\n[log]\nlevel = "warning"\nformat = "json"\n'
                            '[[intake.folder]]\npath = "inbox"\n')
-    config = load_config(config_path)
+    config = read_config(config_path)
     configure_logging("warning", "json")
     config.intake.folder[0].path.mkdir(parents=True)
     supervisor = Supervisor(config, config_path)

@@ -26,11 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.config import Config, StateConfig  # noqa: E402
+from daemon.config import StateConfig  # noqa: E402
 from daemon.jobs import JobSpec, Source  # noqa: E402
 from tests.test_post_picture import moving_pattern, psnr  # noqa: E402
-from workers.pipelines import interpolate  # noqa: E402
+from workers.pipelines import (
+    config_class,
+    interpolate,  # noqa: E402
+)
 from workers.runner import run_job_sync  # noqa: E402
+
+Config = config_class()  # the core's tables and the kinds'
 
 WIDTH, HEIGHT, FPS = 832, 480, 16
 PROMPT = ("A fox runs through the snow. It stops and listens. It looks back at the camera. "

@@ -22,10 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.config import Config, StateConfig  # noqa: E402
+from daemon.compose import config_class  # noqa: E402
+from daemon.config import StateConfig  # noqa: E402
 from daemon.jobs import JobSpec, Source, write_spec  # noqa: E402
 from workers.pipelines import digest, report  # noqa: E402
 from workers.runner import run_job_sync  # noqa: E402
+
+Config = config_class()  # the core's tables and the kinds'
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DEMO_PROMPT = ("A lighthouse keeper climbs the stairs at dusk. The lamp turns, its beam "

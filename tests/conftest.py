@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from daemon.config import Config, load_config
+from daemon.compose import read_config
+from daemon.config import Config
 from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.submit import Submitter
@@ -72,7 +73,7 @@ def config_file(tmp_path: Path, redis_url: str) -> Path:
 
 @pytest.fixture
 def config(config_file: Path) -> Config:
-    return load_config(config_file)
+    return read_config(config_file)
 
 
 @pytest.fixture

@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.config import CaptionConfig, Config, StateConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobSpec, Source, job_dir
 from tests.tiny_git import WORDS, build_tiny_git
 from workers import gpu, residency
 from workers.device import GpuSettings
 from workers.ladder import ComponentSize, MemoryNeed, Rung
 from workers.pipelines import caption, kind_registry
+from workers.pipelines.caption_settings import CaptionConfig
 from workers.residency import release_memory
 from workers.runner import run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 KINDS = kind_registry()
 

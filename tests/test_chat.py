@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daemon import encoding
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.delivery import DeliveryLoop
 from daemon.jobs import (
     Channel,
@@ -82,7 +82,7 @@ async def make_chat(tmp_path, redis_url, bot_api) -> AsyncIterator[Callable[...,
     started: list[tuple[ChatIntake, QueueClient]] = []
 
     async def make(**overrides: object) -> ChatIntake:
-        config = load_config(write_config(tmp_path, redis_url, video=SMALL_VIDEO, **{
+        config = read_config(write_config(tmp_path, redis_url, video=SMALL_VIDEO, **{
             "intake.chat": chat_section(bot_api, **overrides)}))
         queue = await QueueClient.open(config.redis.url)
         chat = ChatIntake(config, submitter_for(config, queue))
@@ -101,7 +101,7 @@ async def make_chat(tmp_path, redis_url, bot_api) -> AsyncIterator[Callable[...,
 def rendered(tmp_path_factory) -> Path:
     """A finished video job's directory, rendered once for the module."""
     root = tmp_path_factory.mktemp("rendered")
-    config = load_config(write_config(root, video=SMALL_VIDEO))
+    config = read_config(write_config(root, video=SMALL_VIDEO))
     spec = JobSpec(id="template", kind="video", source=Source(channel=Channel.cli),
                    prompt="A red fox runs through the snow. It looks back at the camera.")
     write_spec(config.jobs_dir, spec)
@@ -269,7 +269,7 @@ async def test_a_request_is_queued_and_answered_with_its_position(make_chat, bot
 async def test_with_redis_down_the_user_is_told_and_nothing_is_left_behind(tmp_path, bot_api):
     server = EmbeddedRedis(tmp_path / "own-redis")  # its own Redis, to kill
     server.start()
-    config = load_config(write_config(tmp_path, server.url, video=SMALL_VIDEO, **{
+    config = read_config(write_config(tmp_path, server.url, video=SMALL_VIDEO, **{
         "intake.chat": chat_section(bot_api)}))
     queue = await QueueClient.open(config.redis.url)
     chat = ChatIntake(config, submitter_for(config, queue))
@@ -664,7 +664,7 @@ async def test_a_failure_is_explained_in_plain_words(make_chat, bot_api):
 
 
 async def test_the_token_is_taken_out_of_library_log_records(tmp_path, redis_url, caplog):
-    config = load_config(write_config(tmp_path, redis_url, **{"intake.chat": (
+    config = read_config(write_config(tmp_path, redis_url, **{"intake.chat": (
         f'enabled = true\ntoken = "{TOKEN}"')}))
     queue = await QueueClient.open(config.redis.url)
     chat = ChatIntake(config, submitter_for(config, queue))

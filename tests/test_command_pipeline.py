@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load_config
+from daemon.compose import read_config
+from daemon.config import ConfigError
 from daemon.jobs import JobError, JobSpec, Source, job_dir
 from intake.folder import deliver
 from tests.conftest import write_config
@@ -32,7 +33,7 @@ def pipeline_table(script: str, *args: str, timeout: str = "30s", **extra: str) 
 @pytest.fixture
 def make_config(tmp_path):
     def make(**pipelines: str):
-        return load_config(write_config(tmp_path, "", **{f"pipelines.{name}": body
+        return read_config(write_config(tmp_path, "", **{f"pipelines.{name}": body
                                                          for name, body in pipelines.items()}))
     return make
 
@@ -176,11 +177,11 @@ def test_a_missing_program_is_explained(make_config):
 ])
 def test_bad_declarations_are_config_errors(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
-        load_config(write_config(tmp_path, "", **{"pipelines.relight": body}))
+        read_config(write_config(tmp_path, "", **{"pipelines.relight": body}))
 
 
 def test_a_declaration_cannot_shadow_a_built_in_kind(tmp_path):
-    config = load_config(write_config(tmp_path, "", **{"pipelines.video":
+    config = read_config(write_config(tmp_path, "", **{"pipelines.video":
                                                        pipeline_table("x.py")}))
     with pytest.raises(ConfigError, match="clashes with the built-in kind 'video'"):
         kind_registry(config)

@@ -3,14 +3,15 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.config import ConfigError, load_config, parse_duration
+from daemon.compose import read_config
+from daemon.config import ConfigError, parse_duration
 
 
 def test_defaults_match_the_documented_config_toml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REELQUEUE_CONFIG", raising=False)
-    builtin = load_config()
-    documented = load_config(Path(__file__).parent.parent / "config.toml")
+    builtin = read_config()
+    documented = read_config(Path(__file__).parent.parent / "config.toml")
     assert builtin.model_dump(exclude={"state", "intake", "models"}) == documented.model_dump(
         exclude={"state", "intake", "models"})
     assert builtin.intake.folder[0].model_dump(exclude={"path"}) == \
@@ -23,7 +24,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "c.toml"
     path.write_text('[state]\ndir = "data"\n[[intake.folder]]\npath = "../drop"\n')
-    config = load_config(path)
+    config = read_config(path)
     assert config.state.dir == tmp_path / "sub" / "data"
     assert config.intake.folder[0].path == tmp_path / "drop"
 
@@ -32,7 +33,7 @@ def test_environment_variable_selects_the_file(tmp_path, monkeypatch):
     path = tmp_path / "env.toml"
     path.write_text('[video]\nfps = 24\n')
     monkeypatch.setenv("REELQUEUE_CONFIG", str(path))
-    assert load_config().video.fps == 24
+    assert read_config().video.fps == 24
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -49,7 +50,7 @@ def test_bad_config_names_key_value_and_reason(tmp_path, text, expected):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        read_config(path)
     assert expected in str(info.value)
 
 

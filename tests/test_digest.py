@@ -12,10 +12,13 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main
-from daemon.config import Config, DigestConfig, StateConfig
+from daemon.compose import config_class
+from daemon.config import DigestConfig, StateConfig
 from daemon.jobs import Channel, JobError, JobOutcome, JobSpec, JobStatus, Source, write_spec
 from workers.pipelines import digest
 from workers.worker import create_worker, write_morning_digest
+
+Config = config_class()  # the core's tables and the kinds'
 
 NOW = datetime(2026, 11, 21, 7, 0, tzinfo=UTC)
 

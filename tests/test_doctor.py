@@ -15,14 +15,15 @@ import pytest
 import redis as redis_sync
 
 from daemon import doctor
-from daemon.config import Config, load_config
+from daemon.compose import read_config
+from daemon.config import Config
 from daemon.doctor import DiskLimits, Finding, Level
 from daemon.redis_server import EmbeddedRedis
 from tests.conftest import REPO, write_config
 
 
 def make_config(tmp_path: Path, redis_url: str = "", **sections: str) -> Config:
-    return load_config(write_config(tmp_path, redis_url, **sections))
+    return read_config(write_config(tmp_path, redis_url, **sections))
 
 
 def levels(findings: list[Finding]) -> set[Level]:
@@ -313,8 +314,8 @@ def test_folder_under_a_file(tmp_path: Path) -> None:
 def test_folder_without_write_permission(tmp_path: Path) -> None:
     (tmp_path / "inbox").mkdir(mode=0o555)
     config = write_config(tmp_path)
-    check = ("import sys; from daemon import doctor; from daemon.config import load_config; "
-             "findings = doctor.check_folders(load_config(sys.argv[1])); "
+    check = ("import sys; from daemon import doctor; from daemon.compose import read_config; "
+             "findings = doctor.check_folders(read_config(sys.argv[1])); "
              "print(*(f.what for f in findings if f.level == 'error'), sep='\\n')")
     argv = [sys.executable, "-c", check, str(config)]
     if os.geteuid() == 0:  # root writes through permission bits, unless it gives that up

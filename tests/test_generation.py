@@ -10,17 +10,15 @@ import json
 import imageio_ffmpeg
 import pytest
 
-from daemon.config import (
-    Config,
-    ModelsConfig,
-    StateConfig,
-    StoryboardConfig,
-    VideoConfig,
-)
+from daemon.compose import config_class
+from daemon.config import ModelsConfig, StateConfig
 from daemon.jobs import JobSpec, Source, job_dir, new_job_id
 from tests import tiny_models
 from workers import gpu
+from workers.pipelines.video_settings import StoryboardConfig, VideoConfig
 from workers.runner import Cancellation, run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 PROMPT = "A red fox runs through the snow. The sun sets behind the hills."
 

@@ -274,7 +274,9 @@ def test_the_owning_process_makes_its_gpu_state_once():
 
 
 def test_each_job_gets_the_workers_state_and_a_one_off_run_its_own(tmp_path, monkeypatch):
-    from daemon.config import Config, StateConfig
+    from daemon.compose import config_class
+    from daemon.config import StateConfig
+    Config = config_class()
     from daemon.jobs import JobSpec, Source, new_job_id, write_spec
     from daemon.kinds import KindRegistry
     from workers.runner import run_job_sync

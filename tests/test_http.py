@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from daemon import links
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.jobs import Channel, JobOutcome, JobSpec, JobStatus, Source, write_spec
 from daemon.queue import QueueClient
 from intake.http import HttpApi
@@ -55,7 +55,7 @@ def http_config(tmp_path: Path, redis_url: str, port: int = 0, max_mb: float = 1
 async def client(tmp_path, redis_url, monkeypatch):
     monkeypatch.setenv("TEST_BOB_TOKEN", "bob-secret")
     monkeypatch.delenv("TEST_UNSET_TOKEN", raising=False)
-    config = load_config(http_config(tmp_path, redis_url))
+    config = read_config(http_config(tmp_path, redis_url))
     queue = await QueueClient.open(config.redis.url)
     api = HttpApi(config, submitter_for(config, queue))
     async with TestClient(TestServer(api.app())) as test_client:

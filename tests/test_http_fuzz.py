@@ -13,7 +13,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.queue import QueueClient
 from intake.http import HttpApi
 from tests.conftest import free_port, submitter_for, write_config
@@ -45,7 +45,7 @@ bodies = (jobs.map(lambda d: json.dumps(d, allow_nan=True).encode())
 @pytest.fixture
 def server(tmp_path, redis_url):
     port = free_port()
-    config = load_config(write_config(tmp_path, redis_url, **{"intake.http": (
+    config = read_config(write_config(tmp_path, redis_url, **{"intake.http": (
         f'enabled = true\nlisten = "127.0.0.1:{port}"\n'
         '[[intake.http.tokens]]\nname = "fuzz"\ntoken = "fuzz-secret"')}))
     loop = asyncio.new_event_loop()

@@ -12,7 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("daemon", "intake", "workers")
 # The processes: each wires channels, kinds and the core together.
-ROOTS = {"daemon.cli", "daemon.service", "daemon.doctor", "daemon.supervisor"}
+ROOTS = {"daemon.cli", "daemon.compose", "daemon.service", "daemon.doctor",
+         "daemon.supervisor"}
 # Which layer may import which (a layer may always import itself).
 ALLOWED = {"root": {"root", "core", "intake", "workers"}, "intake": {"core"},
            "workers": {"core"}, "core": set()}

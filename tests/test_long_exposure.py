@@ -10,13 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.config import Config, StateConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobError, JobSpec, Source, job_dir
 from tests.synthetic import psnr, render
 from workers import media
 from workers.pipelines import kind_registry
 from workers.pipelines import long_exposure as le
 from workers.runner import run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 KINDS = kind_registry()
 

@@ -16,7 +16,7 @@ import redis as redis_sync
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daemon import service
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.delivery import DeliveryLoop
 from daemon.jobs import JobError
 from daemon.queue import DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, QueueClient
@@ -37,7 +37,7 @@ def kill(server: EmbeddedRedis) -> None:
 
 
 def test_the_supervisor_restarts_a_killed_embedded_redis_on_its_aof(tmp_path):
-    supervisor = Supervisor(load_config(write_config(tmp_path)), None)
+    supervisor = Supervisor(read_config(write_config(tmp_path)), None)
     supervisor.children = []  # no daemon to revive Redis: only the supervisor can
     supervisor.start()
     try:
@@ -55,7 +55,7 @@ def test_the_supervisor_restarts_a_killed_embedded_redis_on_its_aof(tmp_path):
 
 async def test_the_daemon_restarts_a_killed_embedded_redis(tmp_path, monkeypatch):
     monkeypatch.setattr(service, "REDIS_WATCH_S", 0.1)
-    config = load_config(write_config(tmp_path))
+    config = read_config(write_config(tmp_path))
     server = EmbeddedRedis(config.state_dir)
     stop = asyncio.Event()
     daemon = asyncio.create_task(service.run_daemon(config, stop))
@@ -78,13 +78,13 @@ async def test_a_daemon_whose_delivery_loop_dies_exits_to_be_restarted(tmp_path,
         raise RedisConnectionError("Connection closed by server.")
 
     monkeypatch.setattr(service.DeliveryLoop, "run", fails)
-    config = load_config(write_config(tmp_path, redis_url))
+    config = read_config(write_config(tmp_path, redis_url))
     with pytest.raises(RedisConnectionError):  # exit status 1: systemd or `up` restarts it
         await asyncio.wait_for(service.run_daemon(config), 30)
 
 
 async def test_a_file_dropped_while_redis_is_down_is_queued_soon_after_it_is_back(tmp_path):
-    config = load_config(write_config(tmp_path))
+    config = read_config(write_config(tmp_path))
     server = EmbeddedRedis(config.state_dir)
     server.start()
     queue = await QueueClient.open(server.url)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.doctor import check_config
 from tests.conftest import free_port, wait_for, write_config
 
@@ -30,7 +30,7 @@ def test_a_plugin_kind_through_a_plugin_channel(tmp_path, redis_url, start, monk
     port = free_port()
     monkeypatch.setenv("REELQUEUE_LINE_PORT", str(port))
     config_file = write_config(tmp_path, redis_url, plugins=PLUGINS)
-    config = load_config(config_file)
+    config = read_config(config_file)
     assert [f for f in check_config(config) if f.level == "error"] == []
     daemon = start(config_file, "daemon")
     start(config_file, "worker")

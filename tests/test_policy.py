@@ -9,7 +9,8 @@ import pytest
 import redis as redis_sync
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon.config import Config, QueueConfig, StateConfig, load_config
+from daemon.compose import config_class, read_config
+from daemon.config import QueueConfig, StateConfig
 from daemon.jobs import Channel, JobSpec, Source, new_job_id, write_spec
 from daemon.queue import QueueClient
 from daemon.redis_server import EmbeddedRedis
@@ -21,6 +22,8 @@ from tests.conftest import submitter_for, wait_for, write_config
 from workers.pipelines import kind_registry
 from workers.runner import run_job_sync
 from workers.worker import low_disk_space
+
+Config = config_class()  # the core's tables and the kinds'
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,7 +69,7 @@ async def test_the_queue_cap_refuses_with_a_clear_answer(config, redis_url):
 
 
 async def test_http_answers_503_when_full_and_the_folder_waits(tmp_path, redis_url):
-    config = load_config(write_config(tmp_path, redis_url, **{
+    config = read_config(write_config(tmp_path, redis_url, **{
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "a"\ntoken = "t"',
         "queue": "max_queued = 1"}))
     queue = await QueueClient.open(redis_url)
@@ -95,7 +98,7 @@ async def test_http_answers_503_when_full_and_the_folder_waits(tmp_path, redis_u
 
 
 async def test_pause_and_resume_need_an_admin_token(tmp_path, redis_url):
-    config = load_config(write_config(tmp_path, redis_url, **{
+    config = read_config(write_config(tmp_path, redis_url, **{
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "u"\ntoken = "user"\n'
                        '[[intake.http.tokens]]\nname = "boss"\ntoken = "admin"\nrole = "admin"'}))
     queue = await QueueClient.open(redis_url)
@@ -206,11 +209,11 @@ def test_a_bad_blocklist_pattern_is_a_config_error(tmp_path):
     from daemon.config import ConfigError
 
     with pytest.raises(ConfigError, match="is not a regular expression"):
-        load_config(write_config(tmp_path, "", queue='blocklist = ["(unclosed"]'))
+        read_config(write_config(tmp_path, "", queue='blocklist = ["(unclosed"]'))
 
 
 async def test_http_tokens_have_queued_and_daily_caps(tmp_path, redis_url):
-    config = load_config(write_config(tmp_path, redis_url, **{
+    config = read_config(write_config(tmp_path, redis_url, **{
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"\n'
                        "max_queued = 2\nmax_jobs_per_day = 3"}))
     queue = await QueueClient.open(redis_url)

@@ -12,13 +12,17 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from daemon.config import Config, PostConfig, StateConfig, VideoConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobError, JobSpec, JobStatus, Source
 from daemon.storyboard import Storyboard, StoryboardScene
 from workers import fonts
 from workers.context import JobCancelled, JobContext
 from workers.pipelines import encode, post
+from workers.pipelines.video_settings import PostConfig, VideoConfig
 from workers.runner import run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 FMT = encode.VideoFormat(width=160, height=96, fps=8)
 GREY = (128, 128, 128)

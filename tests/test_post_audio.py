@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.config import PostConfig
 from daemon.jobs import JobError
 from tests.test_post import make_board, produce, write_sine_wav
 from workers.pipelines import audio, encode
+from workers.pipelines.video_settings import PostConfig
 
 RATE = 8000  # what encode.audio_samples decodes to by default
 

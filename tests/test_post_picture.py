@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from moviepy import ColorClip, ImageSequenceClip
 
-from daemon.config import LookConfig, LookPreset
 from tests.test_post import FMT, decode, make_board, produce
 from workers.pipelines import interpolate, looks, transitions
 from workers.pipelines.looks import Grade, Look
+from workers.pipelines.video_settings import LookConfig, LookPreset
 
 
 def colourful(width: int = 160, height: int = 96, seed: int = 3) -> np.ndarray:

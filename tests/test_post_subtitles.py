@@ -9,12 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from daemon.config import Config, PostConfig, StateConfig, VideoConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobSpec, JobStatus, Source
 from tests.test_post import FMT, GREY, decode, make_board, produce
 from workers import fonts
 from workers.pipelines import encode, subtitles
+from workers.pipelines.video_settings import PostConfig, VideoConfig
 from workers.runner import run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 FOX_ZH = "一只红狐狸在雪地里奔跑。夕阳西下，它回头看向镜头。"
 DEJAVU = next((p for p in fonts.DEJAVU_PATHS if p.is_file()), None)

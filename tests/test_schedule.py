@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.jobs import JobSpec, JobStatus, Source, new_job_id, write_spec
 from daemon.queue import QUEUE_NAME, QueueClient
 from daemon.schedule import Waiting, dispatch_order, release_next
@@ -128,7 +128,7 @@ async def test_a_real_worker_runs_jobs_in_policy_order(tmp_path, redis_url, star
     argv = json.dumps([sys.executable, "-c", script, "{outdir}", "{prompt}"])
     config_file = write_config(tmp_path, redis_url, **{
         "pipelines.say": f'type = "command"\ncommand = {argv}\noutputs = ["*.txt"]'})
-    config = load_config(config_file)
+    config = read_config(config_file)
     queue = await QueueClient.open(config.redis.url)
     try:
         await queue.pause("test")

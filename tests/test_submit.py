@@ -16,7 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon import cli
-from daemon.config import Config, load_config
+from daemon.compose import read_config
+from daemon.config import Config
 from daemon.queue import QueueClient
 from intake.folder import FolderIntake
 from intake.http import HttpApi
@@ -63,7 +64,7 @@ def tables(channel: str, api: FakeBotApi) -> dict[str, str]:
 @contextlib.asynccontextmanager
 async def channel(name: str, tmp_path: Path, redis_url: str, api: FakeBotApi
                   ) -> AsyncIterator[Channel]:
-    config = load_config(write_config(tmp_path, redis_url, **tables(name, api)))
+    config = read_config(write_config(tmp_path, redis_url, **tables(name, api)))
     queue = await QueueClient.open(config.redis.url)
     submitter = submitter_for(config, queue)
     try:
@@ -207,7 +208,7 @@ def submitter_of(name: str, ch: Channel) -> str:
 
 
 async def test_parallel_posts_cannot_pass_a_cap_together(tmp_path, redis_url):
-    config = load_config(write_config(tmp_path, redis_url, **{
+    config = read_config(write_config(tmp_path, redis_url, **{
         "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"\n'
                        "max_queued = 3"}))
     queue = await QueueClient.open(config.redis.url)

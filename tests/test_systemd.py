@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon import doctor
-from daemon.config import load_config
+from daemon.compose import read_config
 from daemon.redis_server import find_redis_server
 from tests.conftest import write_config
 
@@ -113,7 +113,7 @@ def test_install_into_a_staging_root(install: Install, paths: dict[str, Path]) -
     env = root / "etc/reelqueue/env"
     assert env.stat().st_mode & 0o777 == 0o600
     assert re.search(r"^REELQUEUE_TOKEN=[0-9a-f]{48}$", env.read_text(), re.M)
-    config = load_config(root / "etc/reelqueue/config.toml")  # the real loader accepts it
+    config = read_config(root / "etc/reelqueue/config.toml")  # the real loader accepts it
     assert config.state_dir == paths["state"]
     assert [folder.path for folder in config.intake.folder] == [paths["watch"]]
     assert config.redis.url == ""  # the embedded Redis
@@ -142,7 +142,7 @@ def test_several_watch_folders_and_the_redis_service(install: Install, paths: di
                      str(paths["redis"]))
     assert result.returncode == 0, result.stderr
     root = paths["root"]
-    config = load_config(root / "etc/reelqueue/config.toml")
+    config = read_config(root / "etc/reelqueue/config.toml")
     assert [folder.path for folder in config.intake.folder] == [paths["watch"], second]
     assert config.redis.url == "unix:///run/reelqueue-redis/redis.sock"
     daemon = directives(root / "etc/systemd/system/reelqueue-daemon.service")
@@ -279,7 +279,7 @@ def test_redis_conf_is_accepted_by_redis_server_and_doctor(install: Install,
                                "--daemonize", "no"], stdout=subprocess.DEVNULL)
     try:
         url = f"unix://{scratch}/redis.sock"
-        config = load_config(write_config(scratch, url))
+        config = read_config(write_config(scratch, url))
         assert doctor.wait_for_redis(config, 10) == 0
         findings = doctor.check_redis(config)
         assert {finding.level for finding in findings} == {doctor.Level.OK}, findings

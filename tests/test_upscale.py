@@ -21,14 +21,18 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.config import Config, StateConfig, UpscaleConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobSpec, Source, job_dir
 from tests.rrdbnet import RRDBNet
 from workers import gpu, media
 from workers.ladder import Rung
 from workers.pipelines import kind_registry, upscale
+from workers.pipelines.upscale_settings import UpscaleConfig
 from workers.residency import release_memory
 from workers.runner import run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 KINDS = kind_registry()
 

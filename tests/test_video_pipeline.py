@@ -18,14 +18,18 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from daemon.config import Config, StateConfig, VideoConfig
+from daemon.compose import config_class
+from daemon.config import StateConfig
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, Source
 from intake.folder import deliver
 from workers import fonts
 from workers.device import device_name
 from workers.pipelines import report
 from workers.pipelines.overlays import wrap
+from workers.pipelines.video_settings import VideoConfig
 from workers.runner import Cancellation, run_job_sync
+
+Config = config_class()  # the core's tables and the kinds'
 
 WIDTH, HEIGHT, FPS = 256, 144, 8
 SCENES = [

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from daemon.config import Config, load_config
+from daemon.compose import config_class, read_config
 from daemon.jobs import JobSpec, Source, new_job_id, write_spec
 from daemon.queue import QueueClient, attempts_key
 from daemon.schedule import QUEUE_NAME
@@ -22,13 +22,15 @@ from tests.conftest import write_config
 from workers import worker as worker_module
 from workers.worker import PolicyWorker, create_worker
 
+Config = config_class()  # the core's tables and the kinds'
+
 pytestmark = pytest.mark.timeout(120)
 
 NAP = json.dumps(["sleep", "60"])  # a job that runs until it is stopped
 
 
 def config_for(tmp_path, redis_url: str, job_timeout: str = "2m") -> Config:
-    return load_config(write_config(
+    return read_config(write_config(
         tmp_path, redis_url,
         worker=f'job_timeout = "{job_timeout}"\nname = "causes-worker"',
         **{"pipelines.nap": f'type = "command"\ncommand = {NAP}'}))

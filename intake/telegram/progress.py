@@ -22,11 +22,11 @@ from telegram import Bot
 from telegram.error import BadRequest, TelegramError
 
 from daemon import files
-from daemon.config import ChatIntakeConfig
 from daemon.jobs import JobStatus
 from daemon.logs import get_logger
 from daemon.queue import EVENTS_CHANNEL, JOB_EXPIRY_S, QueueClient
 from intake.telegram import texts
+from intake.telegram.settings import ChatIntakeConfig
 
 log = get_logger(component="chat")
 

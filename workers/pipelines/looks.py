@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from moviepy import VideoClip
 
-from daemon.config import LookConfig, LookPreset
+from workers.pipelines.video_settings import LookConfig, LookPreset
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,11 @@ import numpy as np
 from moviepy import VideoClip, VideoFileClip
 
 from daemon import files
-from daemon.config import PostConfig
 from daemon.storyboard import Storyboard
 from workers import fonts
 from workers.context import JobContext
 from workers.pipelines import audio, encode, interpolate, looks, subtitles, transitions
+from workers.pipelines.video_settings import PostConfig
 
 START_PERCENT, END_PERCENT = 85.0, 100.0
 PROGRESS_EVERY = 8  # frames between progress reports (each also checks for cancel)

@@ -26,7 +26,6 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon import files
-from daemon.config import PostConfig
 from daemon.storyboard import Storyboard
 from daemon.text import has_cjk
 from workers import reports
@@ -34,6 +33,7 @@ from workers.context import JobContext
 from workers.pipelines.animatic import SceneClip
 from workers.pipelines.post import Production
 from workers.pipelines.subtitles import VTT_FILE
+from workers.pipelines.video_settings import PostConfig
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"

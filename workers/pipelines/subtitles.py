@@ -18,10 +18,10 @@ import numpy as np
 from moviepy import VideoClip
 
 from daemon import files
-from daemon.config import SubtitleStyle
 from daemon.storyboard import Storyboard
 from workers.fonts import load_font
 from workers.pipelines.overlays import Card, Overlay, wrap
+from workers.pipelines.video_settings import SubtitleStyle
 
 SRT_FILE, VTT_FILE = "subtitles.srt", "subtitles.vtt"
 MAX_LINES = 2  # per cue: more is read too slowly

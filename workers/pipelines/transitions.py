@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from moviepy import VideoClip
 
-from daemon.config import Transition
+from workers.pipelines.video_settings import Transition
 
 
 def join(scenes: list[VideoClip], transition: Transition, seconds: float) -> VideoClip:

@@ -21,13 +21,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import files
-from daemon.config import Config, UpscaleConfig
+from daemon.config import Config
 from daemon.jobs import JobError
 from workers import media, reports
 from workers.context import JobContext, JobResult
 from workers.device import GpuSettings, pick_device, pick_dtype
 from workers.ladder import Rung
 from workers.pipelines import encode
+from workers.pipelines.upscale_settings import UpscaleConfig
 from workers.residency import ModelWith, Residency
 from workers.tiling import TilingReport, upscale_tiled
 

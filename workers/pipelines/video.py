@@ -19,8 +19,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daemon import content, storyboard
-from daemon.config import (
-    Config,
+from daemon.config import Config
+from daemon.jobs import JobError, describe_validation_error
+from daemon.storyboard import Scene
+from workers import fonts
+from workers.context import JobContext, JobResult
+from workers.device import GpuSettings
+from workers.models import located, require
+from workers.pipelines import animatic, encode, footage, post, report
+from workers.pipelines.video_settings import (
     Crf,
     LookConfig,
     LookPreset,
@@ -35,13 +42,6 @@ from daemon.config import (
     Transition,
     TransitionSeconds,
 )
-from daemon.jobs import JobError, describe_validation_error
-from daemon.storyboard import Scene
-from workers import fonts
-from workers.context import JobContext, JobResult
-from workers.device import GpuSettings
-from workers.models import located, require
-from workers.pipelines import animatic, encode, footage, post, report
 from workers.vram import VramMonitor
 
 VIDEO_FILE = "video.mp4"

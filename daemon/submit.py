@@ -15,9 +15,9 @@ order:
 4. the job folder: inputs, then ``spec.json`` (a folder with a spec is a whole job);
 5. enqueue.
 
-A failure after step 3 gives the place back; it removes what step 4 wrote unless the
-request's id is deterministic, in which case the channel's retry (a rescan, a fetched
-update, a client retrying with its key) finds the spec and finishes the enqueue.
+A failure after step 3 gives the place back and removes what step 4 wrote, except a
+written spec whose id is deterministic: the channel's retry (a rescan, a fetched
+update, a client retrying with its key) finds it and finishes the enqueue.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from daemon import caps, content, files
 from daemon.config import Config
-from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec
+from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec, write_spec
 from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
 from daemon.queue import QueueClient
 from daemon.schedule import Priority
@@ -170,8 +170,7 @@ class Submitter:
             directory = job_dir(self.jobs_dir, job_id)
             for upload in uploads:
                 await upload.put(directory / "inputs" / upload.name)
-            await asyncio.to_thread(files.write_text, directory / "spec.json",
-                                    spec.model_dump_json(indent=2) + "\n")
+            await asyncio.to_thread(write_spec, self.jobs_dir, spec)
             queued = await self.queue.enqueue(spec)
         return Accepted(spec, queued.position, duplicate=not queued.accepted)
 
@@ -187,8 +186,9 @@ class Submitter:
         try:
             yield
         except BaseException:
-            if not keep_files:
-                shutil.rmtree(job_dir(self.jobs_dir, spec.id), ignore_errors=True)
+            directory = job_dir(self.jobs_dir, spec.id)
+            if not (keep_files and (directory / "spec.json").exists()):
+                shutil.rmtree(directory, ignore_errors=True)
             if place.taken:
                 # Best effort: with Redis gone, the place frees itself (daemon.caps).
                 with contextlib.suppress(RedisError, OSError):

@@ -18,6 +18,8 @@ from urllib.parse import quote, unquote
 from daemon import files
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+EXPIRES = re.compile(r"[0-9]{1,12}")  # ASCII digits: str.isdigit() also takes '²'
+SIGNATURE = re.compile(r"[0-9a-f]{1,64}")
 
 
 def link_key(state_dir: Path) -> bytes:
@@ -45,12 +47,23 @@ def verify(key: bytes, job_id: str, expires: str, signature: str, name: str = ""
     """Whether ``expires`` and ``signature`` open job ``job_id``'s files now. Given the
     file's ``name``, a link signed the old way (job, name and expiry: sent before the
     upgrade) opens that one file until it expires."""
-    if not signature or not expires.isdigit() or int(expires) < time.time():
+    if query_problems(expires, signature) or int(expires) < time.time():
         return False
     if hmac.compare_digest(signature, sign(key, job_id, int(expires))):
         return True
     return bool(name) and hmac.compare_digest(signature,
                                               _mac(key, f"{job_id}\0{name}\0{int(expires)}"))
+
+
+def query_problems(expires: str, signature: str) -> list[dict[str, str]]:
+    """What makes a link's query no link's at all (as opposed to expired or signed
+    wrong): ``[{"field", "reason"}]``, empty if it is well formed."""
+    problems = []
+    if not EXPIRES.fullmatch(expires):
+        problems.append({"field": "expires", "reason": "a Unix time in digits 0-9"})
+    if not SIGNATURE.fullmatch(signature):
+        problems.append({"field": "sig", "reason": "hexadecimal digits 0-9a-f"})
+    return problems
 
 
 def _mac(key: bytes, message: str) -> str:
@@ -59,7 +72,12 @@ def _mac(key: bytes, message: str) -> str:
 
 def safe_filename(name: str) -> str:
     """A sender's file name reduced to something safe to put in a job folder: no
-    folders, no leading dots, letters, digits, '.', '_' and '-' only."""
-    name = unquote(name)  # some clients percent-encode file names in form data
-    base = _SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip("._")
-    return base[-100:] or "upload"
+    folders, no leading dots, letters, digits, '.', '_' and '-' only. The suffix is
+    kept (it says what the file is), and a stem with nothing left is "upload":
+    ``名前.png`` becomes ``upload.png``."""
+    base = Path(unquote(name).replace("\\", "/")).name  # some clients percent-encode
+    stem, dot, suffix = base.rpartition(".")
+    if not (stem and suffix.isascii() and suffix.isalnum() and len(suffix) <= 16):
+        stem, dot, suffix = base, "", ""  # no suffix, or none worth keeping apart
+    stem = _SAFE_NAME.sub("_", stem).lstrip("._") or "upload"
+    return stem[:100 - len(dot + suffix)] + dot + suffix

@@ -5,8 +5,9 @@ into a ``Request`` and hands it to ``Submitter.submit``, which answers ``Accepte
 ``Refused``; the channel turns that answer into its own reply. In one place, in this
 order:
 
-1. validate: the kind, its options, the input file names, the prompt's length, and the
-   content blocklist (so a blocked prompt is refused at once, never queued);
+1. validate: that every text is text (no lone surrogate, which no file can hold), the
+   kind, its options, the input file names, the prompt's length, and the content
+   blocklist (so a blocked prompt is refused at once, never queued);
 2. idempotency: a request that carries an id already used (the same dropped file, the
    same chat update, the same ``Idempotency-Key``) collapses into that job. This comes
    before the caps, since the first request already took its place under them;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,10 @@ from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spe
 from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
 from daemon.queue import QueueClient
 from daemon.schedule import Priority
+
+# Lone surrogates: JSON's "\ud800", undecodable bytes of a file name. Not text: no UTF-8
+# file (the spec, the logs, a reply) can hold one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,21 @@ class Submitter:
 
     async def submit(self, request: Request) -> Accepted | Refused:
         names = [upload.name for upload in request.inputs]
+        kept = [request.kept.name] if request.kept else []
+        texts = _texts({"prompt": request.prompt, "options": request.options,
+                        "file": names + kept})
+        problems = [{"field": where, "reason": "holds a lone surrogate, which is not text"}
+                    for where, text in texts if _SURROGATE.search(text)]
+        if problems:
+            return Refused(Refusal.invalid, f"{problems[0]['field']} is not valid text: it "
+                           "holds a lone surrogate (such as \\ud800); send UTF-8", problems)
         try:
             options = self.kinds.validate(request.kind, request.prompt, request.options,
                                           names, request.limits.max_prompt_chars)
         except JobError as exc:
             return Refused(Refusal.invalid, str(exc), exc.problems)
-        rule = content.first_match([request.prompt, *_strings(options)], self.blocklist)
+        rule = content.first_match([request.prompt, *(text for _, text in _texts(options))],
+                                   self.blocklist)
         if rule is not None:
             return Refused(Refusal.blocked, f"the request matches this server's content rule "
                            f"{rule!r} ([queue] blocklist), so it was not queued",
@@ -211,13 +226,16 @@ class Submitter:
                        retry_after_s=wait, count=place.count, limit=limits.max_per_day)
 
 
-def _strings(value: Any) -> Iterator[str]:
-    """Every text inside the options (scene descriptions, titles, subtitles…)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
+def _texts(value: Any, field: str = "") -> Iterator[tuple[str, str]]:
+    """Every text inside ``value`` (scene descriptions, titles, subtitles…), in order,
+    with where it sits (``options.scenes.0.description``). Not recursive: a request
+    nested a thousand deep must not take the stack with it."""
+    stack: list[tuple[str, Any]] = [(field, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            yield where, item
+        elif isinstance(item, dict | list | tuple):
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend(reversed([(f"{where}.{key}".lstrip("."), child)
+                                   for key, child in pairs]))

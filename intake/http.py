@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from daemon import links, metrics
@@ -44,15 +44,22 @@ from daemon.logs import get_logger
 from daemon.lookup import find_job
 from daemon.schedule import Priority
 from daemon.submit import Limits, Refusal, Refused, Request, Submitter, Upload
+from intake.http_input import (
+    MAX_FIELD_BYTES,
+    MAX_JSON_DEPTH,
+    ApiError,
+    parse_cursor,
+    parse_json,
+    read_multipart,
+    read_whole,
+    too_deep,
+)
 from intake.http_settings import HttpToken
 from intake.openapi import openapi_document
 
 log = get_logger(component="http")
 
-MAX_FIELD_BYTES = 1024 * 1024  # a prompt or an options document, not a media file
 WORKER_STALE_S = 15.0
-UPLOAD_CHUNK = 1024 * 1024
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATIC = Path(__file__).parent / "static"
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -74,17 +81,6 @@ class Caller:
         return self.role == "admin"
 
 
-class ApiError(Exception):
-    """An error answered with reelqueue's JSON body; the middleware adds the request id."""
-
-    def __init__(self, status: int, message: str,
-                 problems: list[dict[str, str]] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.problems = problems or []
-
-
 class HttpApi:
     def __init__(self, config: Config, submitter: Submitter):
         self.config = config
@@ -99,7 +95,7 @@ class HttpApi:
                 log.warning("http token disabled: its environment variable is not set",
                             token=token.name, variable=token.token.removeprefix("env:"))
                 continue
-            self.tokens.append((secret.encode(), token))
+            self.tokens.append((_bytes(secret), token))
         self.link_key = links.link_key(config.state_dir)
 
     # --- application -------------------------------------------------------------------
@@ -167,14 +163,16 @@ class HttpApi:
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "this endpoint needs 'Authorization: Bearer <token>'")
+            raise ApiError(401, "this endpoint needs 'Authorization: Bearer <token>'",
+                           [{"field": "Authorization", "reason": "no bearer token"}])
         match = None
         for secret, token in self.tokens:
             # compare_digest on every token: the time taken does not reveal which matched.
-            if hmac.compare_digest(secret, presented.strip().encode()):
+            if hmac.compare_digest(secret, _bytes(presented.strip())):
                 match = token
         if match is None:
-            raise ApiError(401, "unknown token")
+            raise ApiError(401, "unknown token", [{"field": "Authorization",
+                                                   "reason": "unknown token"}])
         caller = Caller(match.name, match.role, match.max_queued, match.max_jobs_per_day,
                         match.priority)
         request[CALLER] = caller.name
@@ -185,9 +183,15 @@ class HttpApi:
 
     def _signed(self, request: web.Request, job_id: str, name: str) -> bool:
         """A signed query opens any of the job's files (the report page reuses its own
-        query for the video); ``name`` only for links signed per file before."""
-        return links.verify(self.link_key, job_id, request.query.get("expires", ""),
-                            request.query.get("sig", ""), name)
+        query for the video); ``name`` only for links signed per file before. A query
+        that is no link's (a mangled copy) is a 422 naming what is wrong."""
+        expires, sig = request.query.get("expires"), request.query.get("sig")
+        if expires is None and sig is None:
+            return False
+        problems = links.query_problems(expires or "", sig or "")
+        if problems:
+            raise ApiError.naming(problems, "this file link is damaged: ")
+        return links.verify(self.link_key, job_id, expires or "", sig or "", name)
 
     # --- job access ---------------------------------------------------------------------
 
@@ -259,6 +263,12 @@ class HttpApi:
         return web.json_response(openapi_document(self.submitter.kinds))
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Open to all, but which job a worker runs is shown to a valid token only."""
+        shown: tuple[str, ...] = ("job_id",)
+        try:
+            self.authenticate(request)
+        except ApiError:
+            shown = ()
         body: dict[str, Any] = {"redis": "ok"}
         try:
             await self.queue.redis.ping()
@@ -267,7 +277,7 @@ class HttpApi:
         except (RedisError, OSError) as exc:
             return web.json_response({"redis": f"unreachable: {exc}", "status": "unhealthy"},
                                      status=503)
-        body["workers"] = [{k: beat.get(k) for k in ("name", "device", "age_s", "job_id",
+        body["workers"] = [{k: beat.get(k) for k in ("name", "device", "age_s", *shown,
                                                       "vram_used", "vram_total", "stopped")}
                            for beat in workers]
         # A worker that stopped taking jobs (a broken GPU) is up, but serves nobody.
@@ -288,13 +298,15 @@ class HttpApi:
         caller = self.authenticate(request)
         if request.content_length is not None and request.content_length > self.max_body:
             raise ApiError(413, f"the request is {request.content_length / 1024 / 1024:.1f} MB; "
-                         f"the limit is {self.http.max_body_mb:g} MB")
+                         f"the limit is {self.http.max_body_mb:g} MB",
+                           [{"field": "body", "reason": "larger than max_body_mb"}])
         # A retry with the same key is the same job: its id derives from the key.
         key = request.headers.get("Idempotency-Key", "")[:200]
-        staging = self.config.state_dir / "uploads" / uuid.uuid4().hex
+        staging = staging_root(self.config) / uuid.uuid4().hex
         try:
             if request.content_type == "application/json":
-                kind, prompt, options = self._fields_from_json(await self._read_json(request))
+                body = await read_whole(request.content.read, self.max_body, "body")
+                kind, prompt, options = self._fields_from_json(parse_json(body, "body"))
                 uploads: list[Path] = []
             elif request.content_type == "multipart/form-data":
                 kind, prompt, options, uploads = await self._read_multipart(request, staging)
@@ -306,11 +318,13 @@ class HttpApi:
                 source=Source(channel=Channel.http, client=caller.name),
                 submitted_by=caller.name, priority=caller.priority,
                 inputs=tuple(Upload.of_file(path.name, path, move=True) for path in uploads),
-                job_id=derive_job_id("http", caller.name, key) if key else None,
+                job_id=derive_job_id("http", caller.name, _bytes(key)) if key else None,
                 limits=Limits(caller.max_queued, caller.max_jobs_per_day),
             ))
         finally:
-            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+            # Also when the client went away mid-upload and the handler is cancelled:
+            # shielded, a second cancel cannot stop the removal half-way.
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True))
         if isinstance(answer, Refused):
             raise ApiError(REFUSAL_STATUS[answer.why], answer.message, answer.problems)
         job_id = answer.spec.id
@@ -326,16 +340,6 @@ class HttpApi:
         if answer.duplicate:
             headers["Idempotent-Replayed"] = "true"
         return web.json_response(view, status=202, headers=headers)
-
-    async def _read_json(self, request: web.Request) -> Any:
-        body = await request.content.read(self.max_body + 1)
-        if len(body) > self.max_body:
-            raise ApiError(413, f"the request body is larger than {self.http.max_body_mb:g} MB")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(422, f"the body is not valid JSON: {exc}",
-                         [{"field": "body", "reason": "not valid JSON"}]) from None
 
     @staticmethod
     def _fields_from_json(data: Any) -> tuple[str, str, dict[str, Any]]:
@@ -356,45 +360,19 @@ class HttpApi:
             problems.append({"field": "prompt", "reason": "must be a string"})
         if not isinstance(options, dict):
             problems.append({"field": "options", "reason": "must be an object"})
+        elif too_deep(options):
+            problems.append({"field": "options",
+                             "reason": f"nested more than {MAX_JSON_DEPTH} levels deep"})
         if problems:
-            raise ApiError(422, "; ".join(f"{p['field']} {p['reason']}" for p in problems),
-                         problems)
+            raise ApiError.naming(problems)
         return kind, prompt.strip(), options
 
     async def _read_multipart(self, request: web.Request, staging: Path
                               ) -> tuple[str, str, dict[str, Any], list[Path]]:
-        """Text fields kind, prompt, options (JSON); files streamed into ``staging``, never
-        held whole in memory, and counted against the body limit as they arrive."""
-        fields: dict[str, str] = {}
-        uploads: list[Path] = []
-        total = 0
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise ApiError(422, "nested multipart bodies are not supported")
-            if part.filename is None:
-                value = await part.read(decode=True)
-                if len(value) > MAX_FIELD_BYTES:
-                    raise ApiError(413, f"field {part.name!r} is larger than 1 MB")
-                fields[part.name or ""] = value.decode("utf-8", "replace")
-                continue
-            target = staging / links.safe_filename(part.filename)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as handle:
-                while chunk := await part.read_chunk(UPLOAD_CHUNK):
-                    total += len(chunk)
-                    if total > self.max_body:
-                        raise ApiError(413, f"the upload is larger than "
-                                     f"{self.http.max_body_mb:g} MB")
-                    handle.write(chunk)
-            uploads.append(target)
-        try:
-            options = json.loads(fields.get("options") or "{}")
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, f"the options field is not valid JSON: {exc}",
-                         [{"field": "options", "reason": "not valid JSON"}]) from None
+        """Text fields kind, prompt, options (JSON); files staged in ``staging``."""
+        fields, uploads = await read_multipart(request, staging, self.max_body)
         data = {"kind": fields.get("kind", "video"), "prompt": fields.get("prompt", ""),
-                "options": options}
+                "options": parse_json(fields.get("options") or "{}", "options")}
         kind, prompt, options = self._fields_from_json(data)
         return kind, prompt, options, uploads
 
@@ -407,20 +385,21 @@ class HttpApi:
             problems.append({"field": "status",
                              "reason": f"one of {', '.join(JobStatus.__members__)}"})
         limit_text = query.get("limit", "20")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+        # Not str.isdigit(): it also takes '²' and other digits int() refuses.
+        limit = int(limit_text) if re.fullmatch(r"[0-9]{1,3}", limit_text) else 0
+        if not 1 <= limit <= 200:
             problems.append({"field": "limit", "reason": "a whole number from 1 to 200"})
-        cursor = query.get("cursor") or None
-        if cursor is not None and not _is_number(cursor):
+        cursor = parse_cursor(query.get("cursor") or "")
+        if cursor == "":
             problems.append({"field": "cursor", "reason": "use the next_cursor of a listing"})
         owner = query.get("submitted_by") or None
         if owner is not None and not caller.is_admin and owner != caller.name:
             raise ApiError(403, "a user token can list only its own jobs")
         if problems:
-            raise ApiError(422, "; ".join(f"{p['field']}: {p['reason']}" for p in problems),
-                         problems)
+            raise ApiError.naming(problems)
         scope = owner if caller.is_admin else caller.name
         page, next_cursor = await self.queue.list_jobs(
-            int(limit_text), cursor, JobStatus(status) if status else None, scope)
+            limit, cursor, JobStatus(status) if status else None, scope)
         return web.json_response({"jobs": [self.job_view(state) for state in page],
                                   "next_cursor": next_cursor})
 
@@ -451,12 +430,12 @@ class HttpApi:
 
     async def pause(self, request: web.Request) -> web.Response:
         caller = self._admin(request)
-        body = await request.content.read(MAX_FIELD_BYTES)
-        try:
-            reason = str(json.loads(body).get("reason", "")) if body.strip() else ""
-        except (ValueError, AttributeError):
+        body = await read_whole(request.content.read, MAX_FIELD_BYTES, "body")
+        data = parse_json(body, "body") if body.strip() else {}
+        reason = data.get("reason", "") if isinstance(data, dict) else None
+        if not isinstance(reason, str):
             raise ApiError(422, 'send {"reason": "..."} or no body',
-                           [{"field": "reason", "reason": "not a JSON object"}]) from None
+                           [{"field": "reason", "reason": "must be a string"}])
         await self.queue.pause(by=caller.name, reason=reason[:500])
         return web.json_response({"paused": await self.queue.paused()})
 
@@ -493,6 +472,8 @@ class HttpIntake:
 
     async def start(self) -> None:
         http = self.config.intake.http
+        # What a daemon killed mid-upload staged: no request is reading it any more.
+        await asyncio.to_thread(shutil.rmtree, staging_root(self.config), ignore_errors=True)
         self.runner = web.AppRunner(self.api.app(), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, http.host, http.port)
@@ -513,9 +494,12 @@ def _float(value: Any) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _bytes(text: str) -> bytes:
+    """A header's text as its bytes (aiohttp keeps bytes that are not UTF-8 as
+    surrogates): keys and tokens of any bytes, never an encoding error."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def staging_root(config: Config) -> Path:
+    """Where uploads are staged until their job folder takes them (or they are dropped)."""
+    return config.state_dir / "uploads"

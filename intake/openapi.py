@@ -7,8 +7,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from daemon import links
 from daemon.jobs import JobStatus
 from daemon.kinds import KindRegistry
+from intake.http_input import CURSOR
 
 _REF = "#/components/schemas/{model}"
 
@@ -22,11 +24,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    reasons = {400: "bad request", 401: "no or unknown token", 403: "not this token's job",
+    reasons = {400: "the connection closed before the body ended",
+               401: "no or unknown token", 403: "not this token's job",
                404: "no such job or file", 409: "the job has already finished",
                429: "the token's queued or daily cap is reached",
-               413: "the request is larger than max_body_mb", 415: "wrong content type",
-               422: "a field is invalid; problems name it",
+               413: "the body (chunked or not) is larger than its limit",
+               415: "wrong content type",
+               422: "a field, query parameter or header is invalid; problems name it",
                503: "the queue is unavailable, or full"}
     return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
 
@@ -113,6 +117,8 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
                                                 "content": {"text/html": {}}}}}},
             "/healthz": {"get": {
                 "summary": "Redis, workers and queue; no token needed", "security": [],
+                "description": "the job each worker runs (workers[].job_id) is shown only "
+                               "to a valid token",
                 "responses": {"200": _json(_ref("Health"), "healthy"),
                               "503": _json(_ref("Health"), "Redis or every worker is down")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
@@ -133,7 +139,7 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
                         "multipart/form-data": {"schema": upload}}},
                     "responses": {"202": {**_json(_ref("Job"), "queued"), "headers": {
                         "Location": {"schema": {"type": "string"}}}},
-                        **_errors(401, 413, 415, 422, 429, 503)}},
+                        **_errors(400, 401, 413, 415, 422, 429, 503)}},
                 "get": {
                     "summary": "Recent jobs, newest first",
                     "parameters": [
@@ -142,7 +148,9 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 200,
                                     "default": 20}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                        {"name": "cursor", "in": "query", "schema": {
+                            "type": "string", "pattern": f"^{CURSOR.pattern}$"},
+                         "description": "the next_cursor of the page before"},
                         {"name": "submitted_by", "in": "query", "schema": {"type": "string"},
                          "description": "admin tokens: another token's jobs"}],
                     "responses": {"200": _json(_ref("JobList"), "a page of jobs"),
@@ -164,7 +172,7 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
                 "requestBody": {"required": False, "content": {"application/json": {
                     "schema": {"type": "object", "properties": {"reason": {"type": "string"}}}}}},
                 "responses": {"200": _json({"type": "object"}, "paused"),
-                              **_errors(401, 403, 422)}}},
+                              **_errors(400, 401, 403, 413, 422)}}},
             "/admin/resume": {"post": {
                 "summary": "Let paused workers take jobs again (admin)",
                 "responses": {"200": _json({"type": "object"}, "resumed"),
@@ -174,11 +182,13 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
                 "parameters": [job_id,
                                {"name": "name", "in": "path", "required": True,
                                 "schema": {"type": "string"}},
-                               {"name": "expires", "in": "query", "schema": {"type": "string"}},
-                               {"name": "sig", "in": "query", "schema": {"type": "string"}}],
+                               {"name": "expires", "in": "query", "schema": {
+                                   "type": "string", "pattern": f"^{links.EXPIRES.pattern}$"}},
+                               {"name": "sig", "in": "query", "schema": {
+                                   "type": "string", "pattern": f"^{links.SIGNATURE.pattern}$"}}],
                 "responses": {"200": {"description": "the file"},
                               "206": {"description": "a byte range of the file"},
-                              **_errors(401, 403, 404)}}},
+                              **_errors(401, 403, 404, 422)}}},
         },
         "components": {
             "schemas": schemas,

@@ -137,7 +137,7 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     async def submit() -> int:
         queue = await open_queue(config)
         try:
-            answer = await Submitter.from_config(config, queue, kinds).submit(request)
+            answer = await Submitter(config, queue, kinds).submit(request)
             if isinstance(answer, Refused):
                 _error(f"reelqueue: not queued: {answer.message}")
                 return 1

@@ -37,6 +37,10 @@ class Kind(Protocol):
         """The model files or folders it needs under ``config``, by the setting that names
         each (``"[upscale] model"``): what the doctor checks is there and intact."""
 
+    def unavailable(self, config: Config) -> str | None:
+        """Why this server cannot run such a job now (its model is not configured or not
+        installed), with what to do; None when it can. Asked at submission."""
+
 
 class KindRegistry:
     """The job kinds one process knows, by name, each loaded on first use."""

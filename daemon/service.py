@@ -43,7 +43,7 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     owns_redis = bool(embedded) and await asyncio.to_thread(embedded.start)
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
                                    interactive_lead_s=config.queue.interactive_lead)
-    submitter = Submitter.from_config(config, queue, kind_registry(config))
+    submitter = Submitter(config, queue, kind_registry(config))
     channels = build_channels(channel_types(config), config, submitter)
     delivery = DeliveryLoop(config, queue)
     for channel in channels:

@@ -6,8 +6,9 @@ into a ``Request`` and hands it to ``Submitter.submit``, which answers ``Accepte
 order:
 
 1. validate: that every text is text (no lone surrogate, which no file can hold), the
-   kind, its options, the input file names, the prompt's length, and the content
-   blocklist (so a blocked prompt is refused at once, never queued);
+   kind, its options, the input file names, the prompt's length, the content
+   blocklist (so a blocked prompt is refused at once, never queued), and whether this
+   server can run the kind at all (its model configured and installed);
 2. idempotency: a request that carries an id already used (the same dropped file, the
    same chat update, the same ``Idempotency-Key``) collapses into that job. This comes
    before the caps, since the first request already took its place under them;
@@ -108,6 +109,7 @@ class Accepted:
 class Refusal(StrEnum):
     invalid = "invalid"  # a field is wrong; the message names it
     blocked = "blocked"  # the content blocklist
+    unavailable = "unavailable"  # this server cannot run the kind (its model is missing)
     queued_cap = "queued_cap"  # the submitter has that many queued or running already
     daily_cap = "daily_cap"  # the submitter has used today's jobs
     queue_full = "queue_full"  # everybody's cap: try again later
@@ -124,23 +126,15 @@ class Refused:
 
 
 class Submitter:
-    def __init__(self, queue: QueueClient, kinds: KindRegistry, jobs_dir: Path,
-                 blocklist: list[str] | None = None, max_waiting: int = 0,
-                 default_limits: Limits | None = None):
+    def __init__(self, config: Config, queue: QueueClient, kinds: KindRegistry):
+        self.config = config
         self.queue = queue
         self.kinds = kinds
-        self.jobs_dir = jobs_dir
-        self.blocklist = blocklist or []
-        self.max_waiting = max_waiting  # [queue] max_queued; 0: no cap
-        self.default_limits = default_limits or Limits()
-
-    @classmethod
-    def from_config(cls, config: Config, queue: QueueClient, kinds: KindRegistry
-                    ) -> Submitter:
-        return cls(queue, kinds, config.jobs_dir, blocklist=config.queue.blocklist,
-                   max_waiting=config.queue.max_queued,
-                   default_limits=Limits(config.queue.max_queued_per_submitter,
-                                         config.queue.max_jobs_per_day_per_submitter))
+        self.jobs_dir = config.jobs_dir
+        self.blocklist = config.queue.blocklist
+        self.max_waiting = config.queue.max_queued  # 0: no cap
+        self.default_limits = Limits(config.queue.max_queued_per_submitter,
+                                     config.queue.max_jobs_per_day_per_submitter)
 
     async def submit(self, request: Request) -> Accepted | Refused:
         names = [upload.name for upload in request.inputs]
@@ -163,6 +157,11 @@ class Submitter:
             return Refused(Refusal.blocked, f"the request matches this server's content rule "
                            f"{rule!r} ([queue] blocklist), so it was not queued",
                            [{"field": "prompt", "reason": "matches a content rule"}])
+
+        why_not = await asyncio.to_thread(self.kinds.get(request.kind).unavailable, self.config)
+        if why_not is not None:
+            return Refused(Refusal.unavailable, why_not,
+                           [{"field": "kind", "reason": "cannot run on this server now"}])
 
         job_id = request.job_id or new_job_id()
         existing = await asyncio.to_thread(self._known_spec, job_id)

@@ -64,8 +64,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATIC = Path(__file__).parent / "static"
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", str)
-REFUSAL_STATUS = {Refusal.invalid: 422, Refusal.blocked: 422, Refusal.queued_cap: 429,
-                  Refusal.daily_cap: 429, Refusal.queue_full: 503}
+REFUSAL_STATUS = {Refusal.invalid: 422, Refusal.blocked: 422, Refusal.unavailable: 422,
+                  Refusal.queued_cap: 429, Refusal.daily_cap: 429, Refusal.queue_full: 503}
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 def submitter_for(config: Config, queue: QueueClient) -> Submitter:
     """The one submission path as the daemon service builds it."""
-    return Submitter.from_config(config, queue, kind_registry(config))
+    return Submitter(config, queue, kind_registry(config))
 
 
 def write_config(tmp_path: Path, redis_url: str = "", **sections: str) -> Path:

@@ -50,7 +50,8 @@ def test_the_embedded_redis_fsyncs_before_acknowledging(tmp_path):
 
 async def test_the_queue_cap_refuses_with_a_clear_answer(config, redis_url):
     queue = await QueueClient.open(redis_url)
-    submitter = Submitter(queue, kind_registry(), config.jobs_dir, max_waiting=2)
+    config.queue.max_queued = 2
+    submitter = Submitter(config, queue, kind_registry())
 
     def request() -> Request:
         return Request(kind="video", prompt="a fox", options={},
@@ -171,8 +172,8 @@ def test_low_disk_message_names_the_folder_and_the_setting(tmp_path):
 
 async def test_content_rules_refuse_at_submission(config, redis_url):
     queue = await QueueClient.open(redis_url)
-    submitter = Submitter(queue, kind_registry(), config.jobs_dir,
-                          blocklist=[r"\bfox(es)?\b"])
+    config.queue.blocklist = [r"\bfox(es)?\b"]
+    submitter = Submitter(config, queue, kind_registry())
 
     async def submit(prompt: str, **options) -> Accepted | Refused:
         return await submitter.submit(Request(kind="video", prompt=prompt, options=options,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -223,5 +224,28 @@ async def test_parallel_posts_cannot_pass_a_cap_together(tmp_path, redis_url):
         assert statuses == [202] * 3 + [429] * 17
         assert await queue.queue_length() == 3
         assert len(job_folders(config)) == 3
+    finally:
+        await queue.close()
+
+
+async def test_a_kind_whose_model_is_missing_is_refused_at_once(tmp_path, redis_url):
+    """Not accepted and left to fail in the worker: the sender hears what to install."""
+    config = read_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"',
+        "caption": f'model = "{tmp_path / "models" / "git-base-vatex"}"'}))
+    queue = await QueueClient.open(config.redis.url)
+    api = HttpApi(config, submitter_for(config, queue))
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            for kind, says in (("upscale", "no upscaling model configured"),
+                               ("caption", "is not a model folder")):
+                form = aiohttp.FormData({"kind": kind})
+                form.add_field("file", b"\x89PNG" if kind == "upscale" else b"\0\0",
+                               filename="in.png" if kind == "upscale" else "in.mp4")
+                response = await client.post("/jobs", data=form, headers=TOKEN)
+                message = (await response.json())["error"]["message"]
+                assert response.status == 422 and says in message, message
+                assert "fetch_models.py" in message
+        assert job_folders(config) == [] and await queue.queue_length() == 0
     finally:
         await queue.close()

@@ -29,6 +29,10 @@ def models(config: Config) -> dict[str, Path]:
     return {}  # no weights
 
 
+def unavailable(config: Config) -> str | None:
+    return None  # nothing to install
+
+
 def run(job: JobContext) -> JobResult:
     options = Options.model_validate(job.spec.options)
     text = job.spec.prompt[::-1]

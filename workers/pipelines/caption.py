@@ -56,6 +56,23 @@ def models(config: Config) -> dict[str, Path]:
     return {"[caption] model": config.caption.model} if config.caption.model else {}
 
 
+def unavailable(config: Config) -> str | None:
+    return _model_problem(config.caption.model)
+
+
+def _model_problem(model_dir: Path | None) -> str | None:
+    if model_dir is None:
+        return ("this server has no captioning model configured: set [caption] model to a "
+                "local GIT checkpoint folder, e.g. models/git-base-vatex (install it with "
+                "`python scripts/fetch_models.py git-base-vatex --dest models/` on a machine "
+                "with hub access)")
+    if not (model_dir / "config.json").is_file():
+        return (f"[caption] model = {str(model_dir)!r} is not a model folder (no "
+                "config.json); install it with `python scripts/fetch_models.py "
+                f"{model_dir.name} --dest {model_dir.parent}/`")
+    return None
+
+
 @dataclass
 class Footage:
     frames: list[np.ndarray]  # RGB uint8, at about SAMPLES_PER_SECOND
@@ -118,15 +135,9 @@ def load_captioner(model_dir: Path | None, gpu_config: GpuSettings,
                    resident: Residency) -> Captioner:
     """The captioning model, kept resident between jobs in ``resident`` (the worker's,
     ``job.gpu.resident``; role ``"caption"``)."""
-    if model_dir is None:
-        raise JobError("no captioning model is configured: set [caption] model to a local GIT "
-                       "checkpoint folder, e.g. models/git-base-vatex (install it with "
-                       "`python scripts/fetch_models.py git-base-vatex --dest models/` on a "
-                       "machine with hub access)")
-    if not (model_dir / "config.json").is_file():
-        raise JobError(f"[caption] model = {str(model_dir)!r} is not a model folder (no "
-                       "config.json); install it with `python scripts/fetch_models.py "
-                       f"{model_dir.name} --dest {model_dir.parent}/`")
+    if problem := _model_problem(model_dir):
+        raise JobError(problem)
+    assert model_dir is not None
     device = pick_device()
     dtype = pick_dtype(device)
     # Only the on-device rung: the offload rungs place diffusers pipelines, and a GIT

@@ -68,6 +68,9 @@ class CommandPipeline:
     def models(self, config: Config) -> dict[str, Path]:
         return {}  # the research code brings its own, in its own environment
 
+    def unavailable(self, config: Config) -> str | None:
+        return None  # a missing program is explained when the job runs
+
     def check_request(self, prompt: str, options: Options) -> None:
         if "{prompt}" in self.spec.command and prompt.startswith("-"):
             raise JobError(f"a {self.name} prompt must not start with '-': the program would "

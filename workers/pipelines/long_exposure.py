@@ -85,6 +85,10 @@ def models(config: Config) -> dict[str, Path]:
     return {}  # OpenCV and numpy only
 
 
+def unavailable(config: Config) -> str | None:
+    return None
+
+
 # --- the math of the paper, kept small and testable ---------------------------------------
 
 

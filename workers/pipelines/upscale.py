@@ -57,6 +57,18 @@ def models(config: Config) -> dict[str, Path]:
     return {"[upscale] model": config.upscale.model} if config.upscale.model else {}
 
 
+def unavailable(config: Config) -> str | None:
+    return _model_problem(config.upscale)
+
+
+def _model_problem(settings: UpscaleConfig) -> str | None:
+    if settings.model is None:
+        return f"this server has no upscaling model configured: {INSTALL_HINT}"
+    if not settings.model.is_file():
+        return f"[upscale] model = {str(settings.model)!r} does not exist: {INSTALL_HINT}"
+    return None
+
+
 @dataclass
 class Upscaler(ModelWith):
     """A super-resolution network with its scale and the dtype it runs in."""
@@ -71,11 +83,9 @@ def load_upscaler(settings: UpscaleConfig, half: bool, gpu_config: GpuSettings,
     worker's, ``job.gpu.resident``; role ``"upscale"``)."""
     import torch
 
+    if problem := _model_problem(settings):
+        raise JobError(problem)
     path = settings.model
-    if path is None:
-        raise JobError(f"no upscaling model is configured: {INSTALL_HINT}")
-    if not path.is_file():
-        raise JobError(f"[upscale] model = {str(path)!r} does not exist: {INSTALL_HINT}")
     device = pick_device()
     # The half type this GPU runs best; the model may need a wider one (_runnable_dtype),
     # but the dtype asked for is what tells a later job it can reuse this model.

@@ -25,7 +25,7 @@ from daemon.storyboard import Scene
 from workers import fonts
 from workers.context import JobContext, JobResult
 from workers.device import GpuSettings
-from workers.models import located, require
+from workers.models import ModelError, located, require, resolve
 from workers.pipelines import animatic, encode, footage, post, report
 from workers.pipelines.video_settings import (
     Crf,
@@ -113,9 +113,9 @@ def check_request(prompt: str, options: Options) -> None:
                        "in a sentence or more")
 
 
-def models(config: Config) -> dict[str, Path]:
+def _model_names(config: Config) -> dict[str, str]:
     """The video model (and its image-to-video partner) with the diffusers backend, and
-    the storyboard LLM with the llm planner."""
+    the storyboard LLM with the llm planner, by the setting naming each."""
     video, wanted = config.video, {}
     if video.backend == "diffusers":
         wanted["[video] model"] = video.model
@@ -123,7 +123,21 @@ def models(config: Config) -> dict[str, Path]:
             wanted["[video] continuity_model"] = video.continuity_model
     if config.storyboard.backend == "llm":
         wanted["[storyboard] model"] = config.storyboard.model
-    return {setting: located(config.models.dir, name) for setting, name in wanted.items()}
+    return wanted
+
+
+def models(config: Config) -> dict[str, Path]:
+    return {setting: located(config.models.dir, name)
+            for setting, name in _model_names(config).items()}
+
+
+def unavailable(config: Config) -> str | None:
+    for setting, name in _model_names(config).items():
+        try:
+            resolve(config.models.dir, name)
+        except ModelError as exc:
+            return f"{setting}: {exc}"
+    return None
 
 
 def run(job: JobContext) -> JobResult:

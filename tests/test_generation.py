@@ -69,6 +69,8 @@ def test_each_family_renders_a_film_through_the_worker_path(tmp_path, tmp_path_f
     assert generation["backend"] == "diffusers" and generation["model"] == model
     assert [s["scene"] for s in generation["scenes"]] == [1, 2]
     assert all(s["frames"] == 24 for s in generation["scenes"])
+    assert report["made_by"] == f"{model} · {generation['steps']} steps"
+    assert report["made_by"] in (directory / "report.html").read_text()
     steps = [e for e in events if e[0] == "render" and "step" in e[2]]
     assert steps, "progress must come from the denoising loop, step by step"
 

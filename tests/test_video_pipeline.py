@@ -152,6 +152,10 @@ def test_report_json_describes_the_job(finished) -> None:
         "size_bytes": (job_dir / "video.mp4").stat().st_size,
         "streams": ["video: h264", "audio: aac", "subtitle: mov_text"], "fitted_kbps": None,
     }
+    # It says plainly what made the picture, and how to get a model to make it.
+    assert data["made_by"] == "animatic — no video model configured"
+    page = html.unescape((job_dir / "report.html").read_text())
+    assert "animatic — no video model configured" in page and 'backend = "diffusers"' in page
     # Enough to make it again: every setting as resolved, config defaults included.
     assert data["settings"]["video"] == {"backend": "animatic", "width": WIDTH,
                                          "height": HEIGHT, "fps": FPS, "scene_seconds": 5.0,

@@ -37,6 +37,11 @@ from workers.pipelines.video_settings import PostConfig
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+ANIMATIC = "animatic — no video model configured"
+ANIMATIC_HOW = ("This video is an animatic: the storyboard drawn as titled shots with camera "
+                "moves, because no video model is configured. To render with one, set [video] "
+                'backend = "diffusers" and model = "<a model folder in [models] dir>" (see '
+                "docs/gpu.md for the models and how to install them).")
 STAGES = (("queue_wait", "queue wait", "#aeaeb2"), ("plan", "plan", "#8e8cf0"),
           ("render", "render", "#3a86ff"), ("post", "post", "#2bb673"))
 
@@ -163,6 +168,7 @@ def render_html(job_dir: Path, report: dict[str, Any], video_url: str) -> str:
     prompt = _e(report["prompt"]) or "<em>(no prompt: the job gave its own scenes)</em>"
     lang = "zh" if has_cjk(report["prompt"] + board["title"]) else "en"
     facts = [
+        ("made by", made_by(report)),
         ("length", f"{output['duration_s']:.1f} s"),
         ("picture", f"{output['width']}×{output['height']} · {output['fps']} fps"),
         ("file", _size(output["size_bytes"])),
@@ -206,8 +212,17 @@ from {_e(source['channel'])}{sender}</p>
 """
 
 
+def made_by(report: dict[str, Any]) -> str:
+    """What made the picture, in plain words: the animatic, or which model and steps."""
+    generation = report.get("generation")
+    if not generation:
+        return ANIMATIC
+    return f"{generation['model']} · {generation['steps']} steps"
+
+
 def _notices(report: dict[str, Any]) -> str:
-    items = [("warning", w) for w in report.get("warnings", [])]
+    items = [("note", ANIMATIC_HOW)] if made_by(report) == ANIMATIC else []
+    items += [("warning", w) for w in report.get("warnings", [])]
     items += [("degraded", d) for d in report.get("degradations", [])]
     if not items:
         return ""

@@ -184,6 +184,7 @@ def run(job: JobContext) -> JobResult:
     data["storyboard"]["written_by"] = planned_by
     if generation:
         data["generation"] = generation
+    data["made_by"] = report.made_by(data)
     if vram_report := vram.report():
         data["vram"] = vram_report
     report.write_reports(job.dir, data)
@@ -264,6 +265,7 @@ def _render(job: JobContext, board: storyboard.Storyboard, fmt: encode.VideoForm
                              else {"scene": scene.number, "reused": True})
         frames_before += scene.frames
     return clips, {"backend": "diffusers", "model": settings.model_dir.name,
+                   "steps": settings.steps or "the model family's default",
                    "scenes": scenes_report}
 
 

@@ -10,6 +10,7 @@ each channel's delivery is idempotent, so nothing arrives twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
@@ -93,11 +94,16 @@ class DeliveryLoop:
     async def deliver(self, job_id: str, state: dict[str, object]) -> None:
         directory = job_dir(self.config.jobs_dir, job_id)
         spec = await asyncio.to_thread(read_spec, self.config.jobs_dir, job_id)
+        outcome = JobOutcome.read(directory)
+        if outcome is None:
+            # Cancelled before it started: no worker wrote how it ended. Written here, the
+            # job folder stays the whole record (the digest reads it, not Redis).
+            outcome = _outcome_from_state(state)
+            with contextlib.suppress(OSError):  # a full disk: delivered all the same
+                await asyncio.to_thread(outcome.write, directory)
         deliverer = self.deliverers.get(spec.source.channel)
-        if deliverer is None:
-            return
-        outcome = JobOutcome.read(directory) or _outcome_from_state(state)
-        await deliverer(spec, outcome, directory)
+        if deliverer is not None:
+            await deliverer(spec, outcome, directory)
 
 
 def _outcome_from_state(state: dict[str, object]) -> JobOutcome:

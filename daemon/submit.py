@@ -36,7 +36,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from daemon import caps, content, files
+from daemon import caps, content, files, refusals
 from daemon.config import Config
 from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec, write_spec
 from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
@@ -115,6 +115,10 @@ class Refusal(StrEnum):
     queue_full = "queue_full"  # everybody's cap: try again later
 
 
+# The refusals that are final (not "try again later"): the digest lists them.
+FINAL = (Refusal.invalid, Refusal.blocked, Refusal.unavailable)
+
+
 @dataclass(frozen=True)
 class Refused:
     why: Refusal
@@ -137,6 +141,22 @@ class Submitter:
                                      config.queue.max_jobs_per_day_per_submitter)
 
     async def submit(self, request: Request) -> Accepted | Refused:
+        answer = await self._submit(request)
+        if isinstance(answer, Refused) and answer.why in FINAL:
+            await asyncio.to_thread(self._record, request, answer)
+        return answer
+
+    def _record(self, request: Request, refused: Refused) -> None:
+        """For the digest: a request that will never run, whoever sent it."""
+        source = request.source
+        what = source.filename or request.prompt.strip().split("\n", 1)[0] or request.kind
+        # A full disk: the sender was told; the digest goes without it.
+        with contextlib.suppress(OSError):
+            refusals.record(self.config.state_dir, channel=source.channel,
+                            submitted_by=request.submitted_by, what=what,
+                            reason=refused.message, kind=request.kind)
+
+    async def _submit(self, request: Request) -> Accepted | Refused:
         names = [upload.name for upload in request.inputs]
         kept = [request.kept.name] if request.kept else []
         texts = _texts({"prompt": request.prompt, "options": request.options,

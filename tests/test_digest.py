@@ -13,9 +13,12 @@ from PIL import Image
 
 from daemon.cli import main
 from daemon.compose import config_class
-from daemon.config import DigestConfig, StateConfig
+from daemon.config import DigestConfig, RedisConfig, StateConfig
+from daemon.delivery import DeliveryLoop
 from daemon.jobs import Channel, JobError, JobOutcome, JobSpec, JobStatus, Source, write_spec
-from workers.pipelines import digest
+from daemon.queue import QueueClient
+from daemon.submit import Refused, Request, Submitter
+from workers.pipelines import digest, kind_registry
 from workers.worker import create_worker, write_morning_digest
 
 Config = config_class()  # the core's tables and the kinds'
@@ -67,7 +70,7 @@ def config(tmp_path) -> Config:
 
 
 def test_failures_come_first_and_old_jobs_stay_out(config, tmp_path) -> None:
-    entries = digest.collect(config.jobs_dir, NOW - timedelta(days=1), NOW, tmp_path / "out")
+    entries = digest.collect(config, NOW - timedelta(days=1), NOW, tmp_path / "out")
     assert [(e.id, e.status) for e in entries] == [
         ("broke", "failed"), ("stopped", "cancelled"), ("done1", "done"), ("done2", "done"),
         ("waiting", "unfinished")]
@@ -92,7 +95,8 @@ def test_the_page_and_json_link_every_report_relatively(config, tmp_path) -> Non
 
     latest = json.loads((out / "digest.json").read_text(encoding="utf-8"))
     assert latest == json.loads(Path(written["json"]).read_text(encoding="utf-8"))
-    assert latest["counts"] == {"failed": 1, "cancelled": 1, "done": 2, "unfinished": 1}
+    assert latest["counts"] == {"failed": 1, "refused": 0, "cancelled": 1, "done": 2,
+                                "unfinished": 1}
     # The hook for a chat bot: a ready-to-post text.
     lines = latest["summary"].splitlines()
     assert lines[0].endswith("5 jobs (1 failed, 1 cancelled, 2 done, 1 unfinished).")
@@ -100,6 +104,41 @@ def test_the_page_and_json_link_every_report_relatively(config, tmp_path) -> Non
     assert lines[2:] == ["✗ empty.txt: the prompt is empty (job broke)",
                          "✗ stopped.txt: cancelled by request (job stopped)"]
     assert (out / "digest.html").read_text(encoding="utf-8") == page
+
+
+async def test_refused_requests_and_jobs_cancelled_before_they_started_are_listed(
+        tmp_path, redis_url) -> None:
+    """Nothing looks cleaner than it was: a request refused at submission has no job
+    folder but is listed with its reason; a job cancelled while queued is 'cancelled',
+    not 'unfinished', and has no log to link to."""
+    config = Config(state=StateConfig(dir=tmp_path / "state"),
+                    redis=RedisConfig(url=redis_url))
+    queue = await QueueClient.open(redis_url)
+    submitter = Submitter(config, queue, kind_registry(config))
+    try:
+        refused = await submitter.submit(Request(
+            kind="video", prompt="a quiet owl", options={"fps": 0},
+            source=Source(channel=Channel.http, client="lab"), submitted_by="lab"))
+        assert isinstance(refused, Refused)
+        accepted = await submitter.submit(Request(
+            kind="video", prompt="a patient heron", options={},
+            source=Source(channel=Channel.cli), submitted_by="ann"))
+        assert await queue.cancel(accepted.spec.id) == "cancelled"
+        loop = DeliveryLoop(config, queue)
+        await loop.deliver(accepted.spec.id, await queue.get_state(accepted.spec.id) or {})
+    finally:
+        await queue.close()
+    now = datetime.now(UTC)
+    written = digest.write(config, now - timedelta(hours=1), now + timedelta(seconds=1),
+                           tmp_path / "out")
+    assert [(job["status"], job["title"]) for job in written["jobs"]] == [
+        ("refused", "a quiet owl"), ("cancelled", "a patient heron")]
+    assert "option 'fps'" in written["jobs"][0]["error"]
+    assert all(job["log"] is None for job in written["jobs"])
+    assert "✗ a quiet owl: option 'fps'" in written["summary"] and "(refused, http lab)" in \
+        written["summary"]
+    page = Path(written["html"]).read_text(encoding="utf-8")
+    assert "log.jsonl" not in page and "refused" in page
 
 
 @pytest.mark.parametrize("text, expected", [

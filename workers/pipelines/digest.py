@@ -2,8 +2,9 @@
 overnight batch. Failures come first, with their reasons.
 
 It reads only the job directories (``spec.json``, ``result.json``, ``report.json``,
-``log.jsonl``), never Redis, so it covers jobs Redis has long forgotten and works with
-the daemon stopped. ``write`` puts ``digest-<until>.html`` and ``.json`` in the output
+``log.jsonl``) and the record of requests refused before they became jobs
+(``daemon.refusals``), never Redis, so it covers jobs Redis has long forgotten and works
+with the daemon stopped. ``write`` puts ``digest-<until>.html`` and ``.json`` in the output
 folder and refreshes ``digest.html`` and ``digest.json`` there as the latest ones. The
 JSON's ``summary`` is a few lines of plain text, ready to post to a chat.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from daemon import files
+from daemon import files, refusals
 from daemon.config import Config, parse_duration
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus
 from workers.pipelines.report import BASE_CSS, REPORT_HTML, REPORT_JSON, data_uri
@@ -32,8 +33,9 @@ from workers.reports import human_duration
 LATEST_HTML, LATEST_JSON = "digest.html", "digest.json"
 THUMBNAIL_WIDTH = 160
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# Failures first, then what was stopped, what worked, and what has not finished yet.
-ORDER = {"failed": 0, "cancelled": 1, "done": 2, "unfinished": 3}
+# Failures first, then requests refused outright, what was stopped, what worked, and
+# what has not finished yet.
+ORDER = {"failed": 0, "refused": 1, "cancelled": 2, "done": 3, "unfinished": 4}
 _RELATIVE = re.compile(r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)\s*$")
 
 
@@ -43,7 +45,7 @@ class Entry:
 
     id: str
     kind: str
-    status: str  # done, failed, cancelled, or unfinished (queued or running)
+    status: str  # done, failed, cancelled, unfinished (queued or running), or refused
     title: str
     source: str  # "folder inbox/fox.txt", "http default", …
     created_at: datetime
@@ -53,7 +55,7 @@ class Entry:
     run_s: float | None  # from the job's (last) start to its end
     device: str | None
     report: str | None  # relative link from the digest's folder
-    log: str  # relative link to log.jsonl
+    log: str | None  # relative link to log.jsonl, if the job ever started
     thumbnail: str  # a data: URI, or ""
 
     @property
@@ -74,10 +76,11 @@ def parse_time(text: str, now: datetime) -> datetime:
     return moment if moment.tzinfo else moment.astimezone()  # naive: local time
 
 
-def collect(jobs_dir: Path, since: datetime, until: datetime, out_dir: Path) -> list[Entry]:
-    """Every job that finished (or, unfinished, was created) in ``[since, until)``,
-    failures first, newest first within each group."""
-    entries = []
+def collect(config: Config, since: datetime, until: datetime, out_dir: Path) -> list[Entry]:
+    """Every job that finished (or, unfinished, was created) in ``[since, until)``, and
+    every request refused then; failures first, newest first within each group."""
+    jobs_dir = config.jobs_dir
+    entries = [_refused(item) for item in refusals.read(config.state_dir, since, until)]
     for directory in sorted(jobs_dir.glob("*/")) if jobs_dir.is_dir() else []:
         entry = _entry(directory, out_dir)
         if entry is not None and since <= entry.when < until:
@@ -92,7 +95,7 @@ def write(config: Config, since: datetime, until: datetime, out_dir: Path | None
     """Write the digest of ``[since, until)``; return its JSON (with ``html`` and
     ``json``, the paths written)."""
     out_dir = out_dir or config.digest.out_dir or config.state_dir / "digests"
-    entries = collect(config.jobs_dir, since, until, out_dir)
+    entries = collect(config, since, until, out_dir)
     stamp = until.astimezone().strftime("%Y-%m-%dT%H%M")
     paths = {"html": out_dir / f"digest-{stamp}.html", "json": out_dir / f"digest-{stamp}.json"}
     data = {
@@ -128,8 +131,9 @@ def summary(entries: list[Entry], since: datetime, until: datetime) -> str:
              + (f" ({', '.join(parts)})" if parts else "") + "."]
     if entries:
         lines.append(f"{human_duration(video)} of video made in {human_duration(run)} of run time.")
-    lines += [f"✗ {e.title}: {e.error or e.status} (job {e.id})"
-              for e in entries if e.status in ("failed", "cancelled")]
+    lines += [f"✗ {e.title}: {e.error or e.status} "
+              + (f"(job {e.id})" if e.id else f"(refused, {e.source})")
+              for e in entries if e.status in ("failed", "refused", "cancelled")]
     return "\n".join(lines)
 
 
@@ -166,9 +170,18 @@ def _entry(directory: Path, out_dir: Path) -> Entry | None:
         device=report.get("device"),
         report=_link(report_page, out_dir) if status == "done" and report_page.exists()
         else None,
-        log=_link(directory / "log.jsonl", out_dir),
+        log=_link(directory / "log.jsonl", out_dir) if (directory / "log.jsonl").exists()
+        else None,
         thumbnail=_thumbnail(directory, report, outcome),
     )
+
+
+def _refused(item: dict[str, Any]) -> Entry:
+    """A request refused before it became a job: no folder, no log, only the reason."""
+    return Entry(id="", kind=item.get("kind") or "request", status="refused",
+                 title=item["what"], source=f"{item['channel']} {item['submitted_by']}".strip(),
+                 created_at=item["at"], finished_at=None, error=item["reason"], video_s=None,
+                 run_s=None, device=None, report=None, log=None, thumbnail="")
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -266,12 +279,13 @@ def _row(entry: Entry) -> str:
         on = f" on {entry.device}" if entry.device else ""
         facts.append(f"ran {human_duration(entry.run_s)}{on}")
     reason = f"<p class=reason>{_e(entry.error)}</p>" if entry.error else ""
-    links = (f'<a href="{_e(entry.report)}">report</a> · ' if entry.report else "") + \
-        f'<a href="{_e(entry.log)}">log</a>'
+    links = " · ".join(([f'<a href="{_e(entry.report)}">report</a>'] if entry.report else [])
+                       + ([f'<a href="{_e(entry.log)}">log</a>'] if entry.log else []))
+    job = f"<br><code>{_e(entry.id)}</code>" if entry.id else ""
     return (f"<article class='job {entry.status}'>{image}<div class=what>"
             f"<p class=title><span class='pill {entry.status}'>{entry.status}</span>{title}</p>"
             f"<p class=facts>{_e(' · '.join(facts))}</p>{reason}</div>"
-            f"<p class=links>{links}<br><code>{_e(entry.id)}</code></p></article>")
+            f"<p class=links>{links}{job}</p></article>")
 
 
 _CSS = """
@@ -279,7 +293,7 @@ _CSS = """
 .job{display:grid;grid-template-columns:160px 1fr auto;gap:16px;align-items:center;
 background:var(--card);border-radius:12px;padding:10px;box-shadow:0 1px 3px #00000014;
 border-left:4px solid #2bb673}
-.job.failed{border-left-color:#e5484d}.job.cancelled{border-left-color:#f5a524}
+.job.failed,.job.refused{border-left-color:#e5484d}.job.cancelled{border-left-color:#f5a524}
 .job.unfinished{border-left-color:#aeaeb2}
 .job img,.job .noimage{width:160px;aspect-ratio:16/9;object-fit:cover;border-radius:8px;
 background:#e5e5ea;display:block}
@@ -293,7 +307,7 @@ background:#e5e5ea;display:block}
 .pill{display:inline-block;font-size:11px;font-weight:700;text-transform:uppercase;
 letter-spacing:.05em;border-radius:4px;padding:1px 6px;margin-right:8px;vertical-align:2px;
 color:#fff;background:#2bb673}
-.pill.failed{background:#e5484d}.pill.cancelled{background:#f5a524}
+.pill.failed,.pill.refused{background:#e5484d}.pill.cancelled{background:#f5a524}
 .pill.unfinished{background:#aeaeb2}
 @media (max-width:700px){.job{grid-template-columns:96px 1fr}.job img,.job .noimage{width:96px}
 .links{grid-column:1/-1;text-align:left}}

@@ -261,3 +261,10 @@ def test_duration_that_leaves_too_little_for_open_scenes_is_rejected() -> None:
     scenes = [{"description": "One.", "duration_s": 8}, {"description": "Two."}]
     with pytest.raises(JobError, match=r"leaves 2.00 s for each of the 1 scene"):
         KINDS.validate("video", "", {"scenes": scenes, "duration": 10})
+
+
+def test_an_encoding_that_can_never_succeed_is_refused_at_submission():
+    """crf = 0 used to be accepted and fail after all the rendering."""
+    with pytest.raises(JobError, match="0 is lossless"):
+        KINDS.validate("video", FOX_EN, {"crf": 0})
+    assert KINDS.validate("video", FOX_EN, {"crf": 1})["crf"] == 1

@@ -13,6 +13,38 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from daemon.config import Duration, Section
 
+SubtitleMode = Literal["burn", "soft", "off"]
+SubtitleStyle = Literal["outline", "box"]
+Transition = Literal["cut", "crossfade", "fade"]
+LookPreset = Literal["none", "natural", "warm", "vintage", "crisp"]
+MUSIC_RANDOM = "random"
+
+
+def _music_name(value: str) -> str:
+    # A name inside [post] music_dir, never a path: a job must not read other files.
+    if value and (value != value.strip() or "/" in value or "\\" in value
+                  or value.startswith(".")):
+        raise ValueError('must be "" (no music), "random", or a file name in [post] music_dir '
+                         "(no folders, no leading dot)")
+    return value
+
+
+MusicChoice = Annotated[str, AfterValidator(_music_name)]
+# Shared by [post] and the video kind's per-job options, so both check the same ranges.
+def _crf(value: int) -> int:
+    if value == 0:
+        raise ValueError("0 is lossless, which the H.264 High profile that players and "
+                         "browsers take cannot encode: use 1 (nearly lossless) to 51")
+    return value
+
+
+Crf = Annotated[int, Field(ge=0, le=51), AfterValidator(_crf)]
+MusicVolume = Annotated[float, Field(ge=0, le=2)]
+MusicFade = Annotated[Duration, Field(le=30)]
+TransitionSeconds = Annotated[Duration, Field(ge=0.05, le=2)]
+SmoothMotion = Annotated[int, Field(ge=1, le=4)]
+MaxMegabytes = Annotated[float, Field(ge=0)]
+
 
 class StoryboardConfig(Section):
     # "rules": split the prompt at sentences; "llm": a local chat model writes the scenes.
@@ -46,7 +78,7 @@ class VideoConfig(Section):
     height: int = Field(default=480, ge=64, le=2160)
     fps: int = Field(default=16, ge=1, le=60)
     scene_seconds: float = Field(default=5.0, ge=3, le=8)
-    crf: int = Field(default=20, ge=0, le=51)
+    crf: Crf = 20
     font: Path | None = None
 
     @field_validator("width", "height")
@@ -66,32 +98,6 @@ class VideoConfig(Section):
             raise ValueError('backend = "diffusers" needs model = "<a model folder in [models] '
                              'dir>", e.g. "Wan2.1-T2V-1.3B-Diffusers"')
         return self
-
-
-SubtitleMode = Literal["burn", "soft", "off"]
-SubtitleStyle = Literal["outline", "box"]
-Transition = Literal["cut", "crossfade", "fade"]
-LookPreset = Literal["none", "natural", "warm", "vintage", "crisp"]
-MUSIC_RANDOM = "random"
-
-
-def _music_name(value: str) -> str:
-    # A name inside [post] music_dir, never a path: a job must not read other files.
-    if value and (value != value.strip() or "/" in value or "\\" in value
-                  or value.startswith(".")):
-        raise ValueError('must be "" (no music), "random", or a file name in [post] music_dir '
-                         "(no folders, no leading dot)")
-    return value
-
-
-MusicChoice = Annotated[str, AfterValidator(_music_name)]
-# Shared by [post] and the video kind's per-job options, so both check the same ranges.
-Crf = Annotated[int, Field(ge=0, le=51)]
-MusicVolume = Annotated[float, Field(ge=0, le=2)]
-MusicFade = Annotated[Duration, Field(le=30)]
-TransitionSeconds = Annotated[Duration, Field(ge=0.05, le=2)]
-SmoothMotion = Annotated[int, Field(ge=1, le=4)]
-MaxMegabytes = Annotated[float, Field(ge=0)]
 
 
 class LookConfig(Section):

@@ -30,7 +30,8 @@ def _music_name(value: str) -> str:
 
 
 MusicChoice = Annotated[str, AfterValidator(_music_name)]
-# Shared by [post] and the video kind's per-job options, so both check the same ranges.
+
+
 def _crf(value: int) -> int:
     if value == 0:
         raise ValueError("0 is lossless, which the H.264 High profile that players and "
@@ -38,6 +39,7 @@ def _crf(value: int) -> int:
     return value
 
 
+# Shared by the tables and the video kind's per-job options, so both check the same ranges.
 Crf = Annotated[int, Field(ge=0, le=51), AfterValidator(_crf)]
 MusicVolume = Annotated[float, Field(ge=0, le=2)]
 MusicFade = Annotated[Duration, Field(le=30)]

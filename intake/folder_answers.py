@@ -83,21 +83,28 @@ def _make_folder(folder: Path) -> None:
 def split_name(name: str) -> tuple[str, str]:
     """``("fox", ".txt")`` for ``fox.txt``; an overlong "suffix" stays in the stem."""
     suffix = Path(name).suffix
-    if not suffix or len(suffix.encode()) > MAX_SUFFIX:
+    if not suffix or len(os.fsencode(suffix)) > MAX_SUFFIX:
         return name, ""
     return name[: -len(suffix)], suffix
 
 
 def _fit(text: str, room: int) -> str:
-    """``text`` cut to at most ``room`` bytes of UTF-8, never inside a character."""
-    return text.encode()[: max(room, 0)].decode("utf-8", "ignore")
+    """``text`` cut to at most ``room`` bytes (UTF-8, as the file system stores the name),
+    never inside a character."""
+    kept, used = [], 0
+    for char in text:
+        used += len(os.fsencode(char))
+        if used > room:
+            break
+        kept.append(char)
+    return "".join(kept)
 
 
 def unique_stem(directory: Path, stem: str, suffixes: list[str]) -> str:
     """``stem``, or ``stem-2``, ``stem-3``… so that no ``<stem><suffix>`` exists yet,
     shortened where needed so that every ``<stem><suffix>`` is at most ``MAX_NAME``
     bytes."""
-    room = MAX_NAME - max((len(suffix.encode()) for suffix in suffixes), default=0)
+    room = MAX_NAME - max((len(os.fsencode(suffix)) for suffix in suffixes), default=0)
     n = 1
     while True:
         counter = f"-{n}" if n > 1 else ""
@@ -128,6 +135,7 @@ def reject(path: Path, reason: str, job_id: str | None = None) -> Path:
 
 def error_text(filename: str, reason: str, job_id: str | None, inbox: Path) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    filename = os.fsencode(filename).decode("utf-8", "replace")  # a name not in UTF-8
     job = f" (job {job_id})" if job_id else ""
     return (
         f'reelqueue could not make "{filename}"{job}.\n\n'

@@ -8,6 +8,12 @@ still for the folder's ``settle`` time. Hidden, temp and partial names are ignor
 The request file stays in the inbox until its job is delivered, so a lost queue is
 recovered by the next scan; job ids derive from folder, name and content, so seeing
 the same file twice queues it once.
+
+Only regular files are requests. Whoever can drop a file can also drop a symbolic link,
+a FIFO or a socket: each is refused into ``failed/`` as itself, never followed or
+opened for reading (``daemon.files.open_regular``), and a file is read (size, owner,
+content) through the one descriptor it was opened with. A name too long to be kept
+and answered under is refused too. Answers are written by ``intake.folder_answers``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import asyncio
 import contextlib
 import fnmatch
 import hashlib
-import json
 import os
+import shutil
+import stat
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +47,13 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from daemon import files
+from daemon import files, refusals
 from daemon.config import Config, Duration, Section
 from daemon.jobs import (
     Channel,
     JobError,
     JobOutcome,
     JobSpec,
-    JobStatus,
     Source,
     derive_job_id,
     job_dir,
@@ -55,10 +61,19 @@ from daemon.jobs import (
 from daemon.logs import get_logger
 from daemon.schedule import Priority
 from daemon.submit import Refusal, Refused, Request, Submitter, Upload
+from intake.folder_answers import (
+    DONE,
+    FAILED,
+    MAX_NAME,
+    UnsafeFolder,
+    answer_folder,
+    deliver,
+    delivery_finished,
+    reject,
+)
 from intake.jobfile import parse_request
 
 IGNORED_PATTERNS = (".*", "*~", "*.tmp", "*.part", "*.swp", "*.crdownload")
-DONE, FAILED = "done", "failed"
 # After close-write or a rename into the folder the writer is done: the file only has to
 # hold still for one more look.
 CLOSED_SETTLE_S = 0.05
@@ -105,15 +120,6 @@ def is_ignored(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in IGNORED_PATTERNS)
 
 
-def unique_stem(directory: Path, stem: str, suffixes: list[str]) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``… so that no ``<stem><suffix>`` exists yet."""
-    candidate, n = stem, 1
-    while any((directory / f"{candidate}{suffix}").exists() for suffix in suffixes):
-        n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
-
-
 @dataclass
 class _Pending:
     signature: tuple[int, int]
@@ -142,6 +148,7 @@ class FolderIntake:
         self.submitter = submitter
         self.pending: dict[Path, _Pending] = {}
         self.taken: dict[Path, tuple[int, int]] = {}
+        self.held: set[Path] = set()  # refusals waiting for a real failed/: retried by scans
         self._observer: Observer | PollingObserver | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -150,8 +157,12 @@ class FolderIntake:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        for sub in ("", DONE, FAILED):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for sub in (DONE, FAILED):
+            # Made with the inbox's mode; one that is not a real folder is logged, and
+            # answers wait until it is one (requests are still taken meanwhile).
+            with contextlib.suppress(UnsafeFolder):
+                answer_folder(self.path / sub)
         loop = asyncio.get_running_loop()
         if self.folder.poll:
             self._observer = PollingObserver(timeout=self.folder.poll_interval)
@@ -178,12 +189,16 @@ class FolderIntake:
     def scan(self) -> None:
         """Queue every candidate file in the inbox for a (settled) look."""
         self._last_scan = time.monotonic()
+        for path in self.held:
+            self.taken.pop(path, None)
+        self.held.clear()
         try:
             entries = list(os.scandir(self.path))
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.is_file(follow_symlinks=False):
+            # Links and other special files too, to be refused; folders are not requests.
+            if not entry.is_dir(follow_symlinks=False):
                 self._notice(Path(entry.path), closed=None)
 
     def on_event(self, event: FileSystemEvent) -> None:
@@ -204,17 +219,19 @@ class FolderIntake:
         self.taken.pop(path, None)
 
     def _notice(self, path: Path, closed: bool | None) -> None:
-        if path.parent != self.path or is_ignored(path.name):
-            return
+        if path.parent != self.path or path.name in (DONE, FAILED) or is_ignored(path.name):
+            return  # the answer folders are never requests, even when not folders at all
         entry = self.pending.get(path)
         if entry is None:
             try:
-                stat = path.stat()
+                found = os.lstat(path)
             except FileNotFoundError:
                 return
-            signature = (stat.st_size, stat.st_mtime_ns)
+            signature = (found.st_size, found.st_mtime_ns)
             if self.taken.get(path) == signature:
                 return  # an echo of a file we already took, unchanged
+            if not stat.S_ISREG(found.st_mode):
+                closed = True  # a link, FIFO…: nothing is being written, refuse it now
             self.pending[path] = _Pending(signature, time.monotonic(), closed)
         elif closed is not None:
             entry.closed = closed
@@ -231,10 +248,10 @@ class FolderIntake:
     def _ready(self, path: Path, entry: _Pending, now: float) -> bool | None:
         """True: take it; False: wait; None: it is gone."""
         try:
-            stat = path.stat()
+            found = os.lstat(path)
         except FileNotFoundError:
             return None
-        signature = (stat.st_size, stat.st_mtime_ns)
+        signature = (found.st_size, found.st_mtime_ns)
         if signature != entry.signature:
             entry.signature, entry.stable_since = signature, now
             return False
@@ -282,13 +299,21 @@ class FolderIntake:
 
     async def take(self, path: Path) -> str | None:
         """Turn a settled file into a queued job (or a rejection). Returns the job id."""
+        # A media file is copied here as it is hashed, and handed over from here.
+        staging = self.config.state_dir / "uploads" / f"folder-{uuid.uuid4().hex}"
         try:
-            request = await asyncio.to_thread(self._request, path)
+            return await self._take(path, staging)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _take(self, path: Path, staging: Path) -> str | None:
+        try:
+            request = await asyncio.to_thread(self._request, path, staging)
         except FileNotFoundError:
             log.info("file vanished before it was taken", file=path.name)
             return None
         except JobError as exc:
-            await asyncio.to_thread(reject, path, str(exc))
+            await self._refuse(path, str(exc), record=True)
             return None
         if request is None:
             return None
@@ -300,47 +325,82 @@ class FolderIntake:
                 log.warning("not queued yet; the file waits in the inbox", file=path.name,
                             reason=answer.message)
             else:
-                await asyncio.to_thread(reject, path, answer.message)
+                await self._refuse(path, answer.message)
             return None
         log.info("job already known" if answer.duplicate else "job queued",
                  job_id=answer.spec.id, file=path.name, position=answer.position)
         return answer.spec.id
 
-    def _request(self, path: Path) -> Request | None:
+    async def _refuse(self, path: Path, reason: str, record: bool = False) -> None:
+        """Answer in failed/; ``record``: for the digest too, when the refusal came before
+        submission (which records its own)."""
+        try:
+            await asyncio.to_thread(reject, path, reason)
+        except UnsafeFolder:
+            # Logged with the fix; the file stays in the inbox, offered again at a scan.
+            self.held.add(path)
+            return
+        if record:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(refusals.record, self.config.state_dir,
+                                        channel=Channel.folder, submitted_by="",
+                                        what=f"{self.path.name}/{path.name}", reason=reason)
+
+    def _request(self, path: Path, staging: Path) -> Request | None:
         """The submission a settled file asks for; None while an earlier job of the same
-        file is being delivered."""
-        limit = int(self.folder.max_file_mb * 1024 * 1024)
-        size = path.stat().st_size
-        if size > limit:
-            raise JobError(
-                f"the file is {size / 1024 / 1024:.1f} MB; this folder takes files up to "
-                f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb)"
-            )
-        kind, prompt, options = self.folder.kind, "", dict(self.folder.options)
-        if path.suffix.lower() in self.submitter.kinds.inputs(kind):
-            # A media file is the job's input itself: hashed and copied by streaming, so
-            # a large video is never held in memory.
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1024 * 1024):
-                    digest.update(chunk)
-            inputs, kept = (Upload.of_file(path.name, path),), None
-        else:
-            with open(path, "rb") as handle:
+        file is being delivered. Everything is read through the one descriptor opened."""
+        try:
+            handle = files.open_regular(path)
+        except files.NotRegularFile as exc:
+            moved = ("the link itself was moved here; what it points to was not read"
+                     if exc.what == files.file_type(stat.S_IFLNK) else "it was not read")
+            raise JobError(f"it is {exc.what}, and a drop folder takes regular files only "
+                           f"({moved})") from None
+        with handle:
+            found = os.fstat(handle.fileno())
+            size = len(os.fsencode(path.name))
+            if size > MAX_NAME:
+                raise JobError(f"the file name is {size} bytes long (in UTF-8); this folder "
+                               f"takes names of up to {MAX_NAME} bytes, so that the job and "
+                               f"its answers can be named after it")
+            limit = int(self.folder.max_file_mb * 1024 * 1024)
+            self._check_size(found.st_size, limit)
+            kind, prompt, options = self.folder.kind, "", dict(self.folder.options)
+            if path.suffix.lower() in self.submitter.kinds.inputs(kind):
+                # A media file is the job's input itself: hashed as it is copied, by
+                # streaming, so a large video is never held in memory and the job gets
+                # exactly the bytes its id was derived from.
+                digest, staged = hashlib.sha256(), staging / path.name
+                staging.mkdir(parents=True)
+                with open(staged, "xb") as out:
+                    while chunk := handle.read(files.COPY_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        self._check_size(out.tell(), limit)
+                inputs, kept = (Upload.of_file(path.name, staged, move=True),), None
+            else:
                 data = handle.read(limit + 1)
-            asked = parse_request(path.name, data, kind, options)
-            kind, prompt, options = asked.kind, asked.prompt, asked.options
-            digest = hashlib.sha256(data)
-            inputs, kept = (), Upload.of_bytes(path.name, data)
+                self._check_size(len(data), limit)
+                asked = parse_request(path.name, data, kind, options)
+                kind, prompt, options = asked.kind, asked.prompt, asked.options
+                digest = hashlib.sha256(data)
+                inputs, kept = (), Upload.of_bytes(path.name, data)
         job_id = folder_job_id(self.config.jobs_dir, self.path, path.name, digest.hexdigest())
         if job_id is None:
             return None
         return Request(
             kind=kind, prompt=prompt, options=options,
             source=Source(channel=Channel.folder, folder=str(self.path), filename=path.name),
-            submitted_by=_owner_name(path), priority=self.folder.priority,
+            submitted_by=_owner_name(found.st_uid), priority=self.folder.priority,
             inputs=inputs, kept=kept, job_id=job_id,
         )
+
+    def _check_size(self, size: int, limit: int) -> None:
+        if size > limit:
+            raise JobError(
+                f"the file is {size / 1024 / 1024:.1f} MB; this folder takes files up to "
+                f"{self.folder.max_file_mb:g} MB ([[intake.folder]] max_file_mb)"
+            )
 
 
 class FolderChannel:
@@ -377,7 +437,7 @@ def folder_job_id(jobs_root: Path, folder: Path, name: str, content_sha256: str)
         parts = [str(folder), name, content_sha256] + (
             [str(generation)] if generation > 1 else [])
         job_id = derive_job_id(*parts)
-        delivered = _delivery_finished(job_dir(jobs_root, job_id))
+        delivered = delivery_finished(job_dir(jobs_root, job_id))
         if delivered is None:
             return job_id  # new, or queued / running: enqueueing again is a no-op
         if delivered is False:
@@ -385,117 +445,10 @@ def folder_job_id(jobs_root: Path, folder: Path, name: str, content_sha256: str)
         generation += 1
 
 
-def _owner_name(path: Path) -> str:
+def _owner_name(uid: int) -> str:
     try:
         import pwd
 
-        return pwd.getpwuid(path.stat().st_uid).pw_name
+        return pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError, OSError):
         return ""
-
-
-# --- answering in the folder ------------------------------------------------------------
-
-
-def reject(path: Path, reason: str, job_id: str | None = None) -> Path:
-    """Move a request to ``failed/`` with an ``.error.txt`` that explains why."""
-    inbox = path.parent
-    target = inbox / FAILED
-    stem = unique_stem(target, path.stem, [path.suffix, ".error.txt"])
-    files.write_text(target / f"{stem}.error.txt", _error_text(path.name, reason, job_id, inbox))
-    if path.exists():
-        files.move_file(path, target / f"{stem}{path.suffix}")
-    log.info("request rejected", file=path.name, reason=reason)
-    return target / f"{stem}.error.txt"
-
-
-def _error_text(filename: str, reason: str, job_id: str | None, inbox: Path) -> str:
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    job = f" (job {job_id})" if job_id else ""
-    return (
-        f'reelqueue could not make "{filename}"{job}.\n\n'
-        f"Reason: {reason}.\n\n"
-        f"Your request file was moved here unchanged. Once the reason above is dealt "
-        f"with, drop it into {inbox} again.\n"
-        f"({when})\n"
-    )
-
-
-def _record_plan(path: Path, plan: dict[str, object]) -> None:
-    """Keep the delivery plan in the job folder, so a redo uses the same names. On a
-    full state disk that fails: deliver anyway (to the inbox's own disk), since an
-    answer in failed/ matters more than perfect names on a redo."""
-    try:
-        files.write_json(path, plan)
-    except OSError as exc:
-        log.warning("could not record the delivery plan; delivering anyway", error=str(exc))
-
-
-def _delivery_finished(directory: Path) -> bool | None:
-    plan = directory / "delivery.json"
-    if not plan.exists():
-        return None
-    return bool(json.loads(plan.read_text(encoding="utf-8")).get("delivered"))
-
-
-def deliver(spec: JobSpec, outcome: JobOutcome, directory: Path) -> dict[str, str]:
-    """Put a finished job's results (or its failure) beside its request.
-
-    Idempotent: the chosen names are recorded in ``delivery.json`` before anything is
-    written, so a delivery interrupted by a crash finishes under the same names. The
-    request leaves the inbox last.
-    """
-    inbox = Path(spec.source.folder or "")
-    request = inbox / (spec.source.filename or "")
-    plan_path = directory / "delivery.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        if plan.get("delivered"):
-            return plan["files"]
-    else:
-        ok = outcome.status == JobStatus.done
-        target = inbox / (DONE if ok else FAILED)
-        # "result.caption.txt" → "<stem>.caption.txt"; never the request's own name.
-        primary_suffix = "".join(Path(outcome.primary).suffixes) if ok and outcome.primary \
-            else ""
-        if primary_suffix.lower() == request.suffix.lower():
-            primary_suffix = f".result{primary_suffix}"
-        extras = {f"extra:{e}": f".{Path(e).name}" for e in outcome.extras} if ok else {}
-        suffixes = [request.suffix] + (
-            [primary_suffix, ".report.json", ".report.html", *extras.values()] if ok
-            else [".error.txt"]
-        )
-        stem = unique_stem(target, request.stem, suffixes)
-        names = {"request": f"{stem}{request.suffix}"}
-        if ok:
-            names |= {"primary": f"{stem}{primary_suffix}", "report.json": f"{stem}.report.json",
-                      "report.html": f"{stem}.report.html"}
-            names |= {key: f"{stem}{suffix}" for key, suffix in extras.items()}
-        else:
-            names |= {"error": f"{stem}.error.txt"}
-        plan = {"target": str(target), "files": {k: str(target / v) for k, v in names.items()},
-                "delivered": False}
-        _record_plan(plan_path, plan)
-
-    out = {k: Path(v) for k, v in plan["files"].items()}
-    if outcome.status == JobStatus.done:
-        files.copy_file(directory / outcome.primary, out["primary"])
-        for key, dest in out.items():
-            if key.startswith("extra:"):
-                files.copy_file(directory / key.removeprefix("extra:"), dest)
-        files.copy_file(directory / "report.json", out["report.json"])
-        # As the worker wrote it: named <stem>.report.html, its page plays <stem>.mp4.
-        files.copy_file(directory / "report.html", out["report.html"])
-    else:
-        reason = outcome.error or outcome.status.value
-        files.write_text(out["error"], _error_text(request.name, reason, spec.id, inbox))
-    if request.exists():
-        files.move_file(request, out["request"])
-    elif not out["request"].exists():
-        # The user removed it from the inbox meanwhile: answer with the copy we kept.
-        files.copy_file(directory / "inputs" / request.name, out["request"])
-    plan["delivered"] = True
-    _record_plan(plan_path, plan)
-    log.info("results delivered", job_id=spec.id, status=outcome.status,
-             files=[p.name for p in out.values()])
-    return plan["files"]

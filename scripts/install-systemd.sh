@@ -184,10 +184,12 @@ ensure_user() {
 ensure_folders() {
     ensure_dir /etc/reelqueue 0750 "root:$SERVICE_USER"
     ensure_dir "$STATE" 0750 "$SERVICE_USER:$SERVICE_USER"
-    # setgid and group-writable: members of the reelqueue group drop files here.
+    # setgid and group-writable: members of the reelqueue group drop files here; sticky:
+    # only a file's owner (or the service) may rename or remove it, so nobody replaces
+    # another's request, or done/ and failed/, with a link.
     local watch
     for watch in "${WATCHES[@]}"; do
-        ensure_dir "$watch" 2775 "$SERVICE_USER:$SERVICE_USER"
+        ensure_dir "$watch" 3775 "$SERVICE_USER:$SERVICE_USER"
     done
 }
 

@@ -14,7 +14,7 @@ import pytest
 from daemon.compose import read_config
 from daemon.config import ConfigError
 from daemon.jobs import JobError, JobSpec, Source, job_dir
-from intake.folder import deliver
+from intake.folder_answers import deliver
 from tests.conftest import write_config
 from workers.pipelines import kind_registry
 from workers.runner import Cancellation, run_job_sync

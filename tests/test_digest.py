@@ -12,12 +12,14 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main
-from daemon.compose import config_class
-from daemon.config import DigestConfig, RedisConfig, StateConfig
+from daemon.compose import config_class, read_config
+from daemon.config import DigestConfig, StateConfig
 from daemon.delivery import DeliveryLoop
 from daemon.jobs import Channel, JobError, JobOutcome, JobSpec, JobStatus, Source, write_spec
 from daemon.queue import QueueClient
 from daemon.submit import Refused, Request, Submitter
+from intake.folder import FolderIntake
+from tests.conftest import write_config
 from workers.pipelines import digest, kind_registry
 from workers.worker import create_worker, write_morning_digest
 
@@ -111,11 +113,15 @@ async def test_refused_requests_and_jobs_cancelled_before_they_started_are_liste
     """Nothing looks cleaner than it was: a request refused at submission has no job
     folder but is listed with its reason; a job cancelled while queued is 'cancelled',
     not 'unfinished', and has no log to link to."""
-    config = Config(state=StateConfig(dir=tmp_path / "state"),
-                    redis=RedisConfig(url=redis_url))
+    config = read_config(write_config(tmp_path, redis_url))
     queue = await QueueClient.open(redis_url)
     submitter = Submitter(config, queue, kind_registry(config))
+    inbox = config.intake.folder[0].path
+    folder = FolderIntake(config.intake.folder[0], config, submitter)
+    await folder.start()
     try:
+        (inbox / "broken.json").write_text('{"prompt": "a fox",')  # refused before submission
+        await folder.take(inbox / "broken.json")
         refused = await submitter.submit(Request(
             kind="video", prompt="a quiet owl", options={"fps": 0},
             source=Source(channel=Channel.http, client="lab"), submitted_by="lab"))
@@ -127,13 +133,16 @@ async def test_refused_requests_and_jobs_cancelled_before_they_started_are_liste
         loop = DeliveryLoop(config, queue)
         await loop.deliver(accepted.spec.id, await queue.get_state(accepted.spec.id) or {})
     finally:
+        await folder.stop()
         await queue.close()
     now = datetime.now(UTC)
     written = digest.write(config, now - timedelta(hours=1), now + timedelta(seconds=1),
                            tmp_path / "out")
     assert [(job["status"], job["title"]) for job in written["jobs"]] == [
-        ("refused", "a quiet owl"), ("cancelled", "a patient heron")]
+        ("refused", "a quiet owl"), ("refused", "inbox/broken.json"),
+        ("cancelled", "a patient heron")]
     assert "option 'fps'" in written["jobs"][0]["error"]
+    assert "JSON is malformed" in written["jobs"][1]["error"]
     assert all(job["log"] is None for job in written["jobs"])
     assert "✗ a quiet owl: option 'fps'" in written["summary"] and "(refused, http lab)" in \
         written["summary"]

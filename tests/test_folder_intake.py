@@ -15,7 +15,8 @@ import pytest
 from daemon.config import Config
 from daemon.jobs import JobOutcome, JobSpec, JobStatus, Source, read_spec
 from daemon.queue import QueueClient
-from intake.folder import FolderIntake, deliver, folder_job_id
+from intake.folder import FolderIntake, folder_job_id
+from intake.folder_answers import deliver
 from tests.conftest import submitter_for
 
 pytestmark = pytest.mark.timeout(60)

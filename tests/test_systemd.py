@@ -118,7 +118,8 @@ def test_install_into_a_staging_root(install: Install, paths: dict[str, Path]) -
     assert [folder.path for folder in config.intake.folder] == [paths["watch"]]
     assert config.redis.url == ""  # the embedded Redis
     assert (root / str(paths["state"]).lstrip("/")).is_dir()
-    assert (root / str(paths["watch"]).lstrip("/")).stat().st_mode & 0o7777 == 0o2775
+    # setgid and sticky (issue 13): nobody moves another's request or done/ away.
+    assert (root / str(paths["watch"]).lstrip("/")).stat().st_mode & 0o7777 == 0o3775
 
     daemon = directives(root / "etc/systemd/system/reelqueue-daemon.service")
     assert daemon["ExecStart"] == [f"{prefix}/.venv/bin/reelqueue daemon"]

@@ -21,7 +21,7 @@ import pytest
 from daemon.compose import config_class
 from daemon.config import StateConfig
 from daemon.jobs import JobError, JobOutcome, JobSpec, JobStatus, Source
-from intake.folder import deliver
+from intake.folder_answers import deliver
 from workers import fonts
 from workers.device import device_name
 from workers.pipelines import report

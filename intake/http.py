@@ -45,13 +45,18 @@ from daemon.lookup import find_job
 from daemon.schedule import Priority
 from daemon.submit import Limits, Refusal, Refused, Request, Submitter, Upload
 from intake.http_input import (
+    DEFAULT_KIND,
+    JOB_FIELDS,
+    JOB_ID,
     MAX_FIELD_BYTES,
     MAX_JSON_DEPTH,
+    MAX_LISTED,
     ApiError,
     parse_cursor,
     parse_json,
     read_multipart,
     read_whole,
+    strict_problems,
     too_deep,
 )
 from intake.http_settings import HttpToken
@@ -196,7 +201,7 @@ class HttpApi:
     # --- job access ---------------------------------------------------------------------
 
     def _check_job_id(self, job_id: str) -> str:
-        if not job_id.isalnum() or len(job_id) > 64:
+        if not JOB_ID.fullmatch(job_id):
             raise ApiError(404, f"no job {job_id!r}")
         return job_id
 
@@ -306,7 +311,7 @@ class HttpApi:
         try:
             if request.content_type == "application/json":
                 body = await read_whole(request.content.read, self.max_body, "body")
-                kind, prompt, options = self._fields_from_json(parse_json(body, "body"))
+                kind, prompt, options = self._job_fields(parse_json(body, "body"))
                 uploads: list[Path] = []
             elif request.content_type == "multipart/form-data":
                 kind, prompt, options, uploads = await self._read_multipart(request, staging)
@@ -341,17 +346,16 @@ class HttpApi:
             headers["Idempotent-Replayed"] = "true"
         return web.json_response(view, status=202, headers=headers)
 
-    @staticmethod
-    def _fields_from_json(data: Any) -> tuple[str, str, dict[str, Any]]:
+    def _job_fields(self, data: Any) -> tuple[str, str, dict[str, Any]]:
         if not isinstance(data, dict):
             raise ApiError(422, 'the body must be a JSON object: {"kind": "video", '
                          '"prompt": "...", "options": {...}}',
                          [{"field": "body", "reason": "not an object"}])
-        unknown = sorted(set(data) - {"kind", "prompt", "options"})
+        unknown = sorted(set(data) - set(JOB_FIELDS))
         if unknown:
             raise ApiError(422, f"unknown field {unknown[0]!r}; a job has kind, prompt and "
                          "options", [{"field": f, "reason": "unknown field"} for f in unknown])
-        kind, prompt, options = data.get("kind", "video"), data.get("prompt", ""), \
+        kind, prompt, options = data.get("kind", DEFAULT_KIND), data.get("prompt", ""), \
             data.get("options", {})
         problems = []
         if not isinstance(kind, str):
@@ -363,6 +367,8 @@ class HttpApi:
         elif too_deep(options):
             problems.append({"field": "options",
                              "reason": f"nested more than {MAX_JSON_DEPTH} levels deep"})
+        elif isinstance(kind, str) and kind in self.submitter.kinds.names():
+            problems += strict_problems(self.submitter.kinds.get(kind).Options, options)
         if problems:
             raise ApiError.naming(problems)
         return kind, prompt.strip(), options
@@ -371,15 +377,16 @@ class HttpApi:
                               ) -> tuple[str, str, dict[str, Any], list[Path]]:
         """Text fields kind, prompt, options (JSON); files staged in ``staging``."""
         fields, uploads = await read_multipart(request, staging, self.max_body)
-        data = {"kind": fields.get("kind", "video"), "prompt": fields.get("prompt", ""),
+        data = {"kind": fields.get("kind", DEFAULT_KIND), "prompt": fields.get("prompt", ""),
                 "options": parse_json(fields.get("options") or "{}", "options")}
-        kind, prompt, options = self._fields_from_json(data)
+        kind, prompt, options = self._job_fields(data)
         return kind, prompt, options, uploads
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         caller = self.authenticate(request)
         query = request.query
-        problems = []
+        problems = [{"field": name, "reason": "empty: leave it out, or give a value"}
+                    for name in ("status", "cursor", "submitted_by") if query.get(name) == ""]
         status = query.get("status") or None
         if status is not None and status not in JobStatus.__members__:
             problems.append({"field": "status",
@@ -387,8 +394,9 @@ class HttpApi:
         limit_text = query.get("limit", "20")
         # Not str.isdigit(): it also takes '²' and other digits int() refuses.
         limit = int(limit_text) if re.fullmatch(r"[0-9]{1,3}", limit_text) else 0
-        if not 1 <= limit <= 200:
-            problems.append({"field": "limit", "reason": "a whole number from 1 to 200"})
+        if not 1 <= limit <= MAX_LISTED:
+            problems.append({"field": "limit",
+                             "reason": f"a whole number from 1 to {MAX_LISTED}"})
         cursor = parse_cursor(query.get("cursor") or "")
         if cursor == "":
             problems.append({"field": "cursor", "reason": "use the next_cursor of a listing"})
@@ -433,7 +441,7 @@ class HttpApi:
         body = await read_whole(request.content.read, MAX_FIELD_BYTES, "body")
         data = parse_json(body, "body") if body.strip() else {}
         reason = data.get("reason", "") if isinstance(data, dict) else None
-        if not isinstance(reason, str):
+        if not isinstance(reason, str) or set(data) - {"reason"}:
             raise ApiError(422, 'send {"reason": "..."} or no body',
                            [{"field": "reason", "reason": "must be a string"}])
         await self.queue.pause(by=caller.name, reason=reason[:500])

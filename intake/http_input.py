@@ -15,15 +15,23 @@ from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel, ValidationError
 
 from daemon import links
+from daemon.jobs import validation_problems
 
 MB = 1024 * 1024
 MAX_FIELD_BYTES = MB  # a prompt or an options document, not a media file
 MAX_JSON_DEPTH = 32  # options are a few levels deep; far deeper is an attack or a bug
 UPLOAD_CHUNK = MB
-# A listing's cursor: a plain decimal, as Redis reads it (not "nan", "1_000", "١")
-CURSOR = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+# A listing's cursor (a creation time, as next_cursor gives it): a plain decimal Redis
+# reads, and always a finite one (not "nan", "1_000", "١", "1e999").
+CURSOR = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,2})?")
+JOB_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+DEFAULT_KIND = "video"  # a job that names no kind
+JOB_FIELDS = ("kind", "prompt", "options")
+UPLOAD_FIELD = "file"  # the multipart parts that carry a job's input files
+MAX_LISTED = 200  # jobs on one page of a listing
 
 
 class ApiError(Exception):
@@ -85,6 +93,32 @@ def parse_cursor(text: str) -> str | None:
     return repr(number) if math.isfinite(number) else ""
 
 
+def strict_problems(model: type[BaseModel], options: dict[str, Any]) -> list[dict[str, str]]:
+    """Where ``options`` holds another JSON type than the schema states: over HTTP, "3"
+    is no number and 1 no boolean (the kind's own validation, which other channels'
+    text needs, would take them). 3.0 is an integer, as in JSON Schema."""
+    try:
+        text = json.dumps(_integral(options), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: the submission names where
+        return []
+    try:
+        model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        return [{**p, "field": f"options.{p['field']}"} for p in validation_problems(exc)]
+    return []
+
+
+def _integral(value: Any) -> Any:
+    """``value`` with every whole float (3.0) an int (3); depth is bounded (too_deep)."""
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON ``value`` nests lists and objects more than ``limit`` deep; checked
     level by level, not recursively: what reads it next recurses, and must not run out
@@ -102,8 +136,9 @@ async def read_multipart(request: web.Request, staging: Path, max_body: int
                          ) -> tuple[dict[str, str], list[Path]]:
     """Text fields (at most 1 MB each) and files, streamed into ``staging``, never held
     whole in memory. Every part counts against ``max_body`` as it arrives, and is taken
-    as sent (RFC 7578 retired Content-Transfer-Encoding). The caller removes
-    ``staging``, whatever happens."""
+    as sent (RFC 7578 retired Content-Transfer-Encoding). Text fields are a job's
+    (kind, prompt, options), files are ``file`` parts; any other part is a 422. The
+    caller removes ``staging``, whatever happens."""
     fields: dict[str, str] = {}
     uploads: list[Path] = []
     left = max_body
@@ -117,14 +152,21 @@ async def read_multipart(request: web.Request, staging: Path, max_body: int
         if not isinstance(part, BodyPartReader):
             raise ApiError(422, "nested multipart bodies are not supported",
                            [{"field": "body", "reason": "nested multipart"}])
-        if part.filename is None:
+        # A file part may leave out its file name (RFC 7578: SHOULD): it is "upload".
+        is_file = part.filename is not None or part.name == UPLOAD_FIELD
+        if part.name not in ((UPLOAD_FIELD,) if is_file else JOB_FIELDS):
+            raise ApiError(422, f"unknown {'file' if is_file else 'field'} part "
+                           f"{part.name!r}: a job has the fields {', '.join(JOB_FIELDS)} "
+                           f"and files named {UPLOAD_FIELD!r}",
+                           [{"field": part.name or "", "reason": "unknown field"}])
+        if not is_file:
             limit, told = ((MAX_FIELD_BYTES, None) if left > MAX_FIELD_BYTES
                            else (left, max_body))
             value = await read_whole(part.read_chunk, limit, part.name or "field", told)
             left -= len(value)
             fields[part.name or ""] = value.decode("utf-8", "replace")
             continue
-        target = staging / _unique(links.safe_filename(part.filename), uploads)
+        target = staging / _unique(links.safe_filename(part.filename or ""), uploads)
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as handle:
             async for chunk in chunks(part.read_chunk, left, "file", max_body):

@@ -47,7 +47,7 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 class Section(BaseModel):

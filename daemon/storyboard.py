@@ -48,7 +48,8 @@ class Scene(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = Field(min_length=1, max_length=1000,
-                             description="what the scene shows, in a sentence or two")
+                             description="what the scene shows, in a sentence or two",
+                             json_schema_extra={"pattern": r"\S"})  # _not_blank checks it
     duration_s: float | None = Field(default=None, ge=MIN_SCENE_S, le=MAX_SCENE_S)
     camera: Camera | None = None
     subtitle: str | None = Field(default=None, max_length=500)

@@ -41,16 +41,10 @@ pytestmark = pytest.mark.timeout(170)
 
 SEED = 20261205
 MAX_EXAMPLES = 25
-# Checked by a kind's validator but missing from the schema its model publishes (fix:
-# ``Field(multiple_of=2)`` in workers/pipelines/video.py, ``pattern=r"\S"`` for a scene's
-# description in daemon/storyboard.py, a pattern for MusicChoice in video_settings.py,
-# ge=0 on Duration in daemon/config.py, which parse_duration enforces for music_fade):
-# each a known gap, not a licence for others.
-# And rules JSON Schema cannot state: a file part's name must end in a suffix the kind
+# Rules JSON Schema cannot state: a file part's name must end in a suffix the kind
 # takes; a model validator compares options (long_exposure's mask_low < mask_high,
 # named "options.option", as the core names a whole-model error).
-UNSTATED = re.compile(r"file|options\.(option|width|height|music|music_fade"
-                      r"|scenes\.[0-9]+\.description)")
+UNSTATED = re.compile(r"file|options\.option")
 CONFIG = """\
 [[operations]]
 include-path = "/healthz"

@@ -58,8 +58,11 @@ class Options(BaseModel):
         default=None, ge=3, le=64,
         description="total length in seconds; by default the scenes set it",
     )
-    width: int | None = Field(default=None, ge=64, le=3840, description="even, in pixels")
-    height: int | None = Field(default=None, ge=64, le=2160, description="even, in pixels")
+    # Even sizes: checked by _even, which says why; published in the schema as well.
+    width: int | None = Field(default=None, ge=64, le=3840, description="even, in pixels",
+                              json_schema_extra={"multipleOf": 2})
+    height: int | None = Field(default=None, ge=64, le=2160, description="even, in pixels",
+                               json_schema_extra={"multipleOf": 2})
     fps: int | None = Field(default=None, ge=1, le=60, description="frames per second")
     style: str | None = Field(default=None, max_length=200,
                               description="the look, e.g. 'watercolour, soft light'")

@@ -29,7 +29,9 @@ def _music_name(value: str) -> str:
     return value
 
 
-MusicChoice = Annotated[str, AfterValidator(_music_name)]
+# _music_name checks it; the schema says the same for clients.
+MusicChoice = Annotated[str, AfterValidator(_music_name), Field(json_schema_extra={
+    "pattern": r"^(?![.\s])(?!.*\s$)[^/\\]*$"})]
 
 
 def _crf(value: int) -> int:
@@ -40,7 +42,8 @@ def _crf(value: int) -> int:
 
 
 # Shared by the tables and the video kind's per-job options, so both check the same ranges.
-Crf = Annotated[int, Field(ge=0, le=51), AfterValidator(_crf)]
+# 0 is refused by _crf, which says why; the schema states the same minimum.
+Crf = Annotated[int, Field(ge=0, le=51, json_schema_extra={"minimum": 1}), AfterValidator(_crf)]
 MusicVolume = Annotated[float, Field(ge=0, le=2)]
 MusicFade = Annotated[Duration, Field(le=30)]
 TransitionSeconds = Annotated[Duration, Field(ge=0.05, le=2)]

@@ -68,8 +68,8 @@ class Outbox:
             raw = await self.redis.blmove(self.key, self.active, 5, "RIGHT", "LEFT")
             if raw is None:
                 continue
-            item = json.loads(raw)
             try:
+                item = json.loads(raw)
                 await self.post(str(item["to"]), item["text"])
             except PostLater as exc:
                 log.warning("could not post; retrying", channel=self.channel,
@@ -78,8 +78,8 @@ class Outbox:
                 await asyncio.sleep(delay)
                 delay = min(MAX_BACKOFF_S, delay * 2)
                 continue
-            except Exception as exc:
-                log.error("the channel refused a message; dropped", channel=self.channel,
-                          to=item["to"], error=self.redact(str(exc)))
+            except Exception as exc:  # not a message, or refused for good: drop that one
+                log.error("a message could not be posted; dropped", channel=self.channel,
+                          message=raw[:200], error=self.redact(str(exc)))
             delay = 1.0
             await self.redis.lrem(self.active, 1, raw)

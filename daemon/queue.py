@@ -177,6 +177,20 @@ class QueueClient:
             await self._publish(spec.id, status=JobStatus.queued)
         return EnqueueResult(spec.id, job is not None, position)
 
+    async def forget(self, spec: JobSpec) -> None:
+        """Undo what a failed ``enqueue`` may have written before arq took the job: its
+        state, its listings, its parked entry. Only for a job not in arq's queue."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(state_key(spec.id))
+            pipe.zrem(RECENT_KEY, spec.id)
+            pipe.zrem(recent_key(spec.submitted_by), spec.id)
+            pipe.hdel(schedule.PARKED_KEY, spec.id)
+            await pipe.execute()
+
+    async def is_waiting(self, job_id: str) -> bool:
+        """Whether arq's queue holds the job (parked, released or held)."""
+        return await self.redis.zscore(QUEUE_NAME, job_id) is not None
+
     async def park_again(self, spec: JobSpec) -> float:
         """Send a released job back among the parked ones, in its old place: returns the
         delay that makes arq's ``Retry`` put it there."""

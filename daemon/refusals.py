@@ -20,9 +20,11 @@ def record(state_dir: Path, *, channel: str, submitted_by: str, what: str, reaso
     now = now or datetime.now(UTC)
     folder = state_dir / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"at": now.isoformat(), "channel": channel, "submitted_by": submitted_by,
-                       "what": what[:200], "kind": kind, "reason": reason[:2000]},
-                      ensure_ascii=False) + "\n"
+    fields = {"channel": channel, "submitted_by": submitted_by, "what": what[:200],
+              "kind": kind, "reason": reason[:2000]}
+    # What was refused may be what made it invalid (a lone surrogate): kept as text.
+    fields = {key: value.encode("utf-8", "replace").decode() for key, value in fields.items()}
+    line = json.dumps({"at": now.isoformat(), **fields}, ensure_ascii=False) + "\n"
     fd = os.open(folder / f"{now:%Y-%m-%d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                  0o640)
     try:

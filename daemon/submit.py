@@ -28,10 +28,11 @@ import asyncio
 import contextlib
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -41,7 +42,7 @@ from daemon.config import Config
 from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec, write_spec
 from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
 from daemon.queue import QueueClient
-from daemon.schedule import Priority
+from daemon.schedule import PREFIX, Priority
 
 # Lone surrogates: JSON's "\ud800", undecodable bytes of a file name. Not text: no UTF-8
 # file (the spec, the logs, a reply) can hold one.
@@ -113,10 +114,18 @@ class Refusal(StrEnum):
     queued_cap = "queued_cap"  # the submitter has that many queued or running already
     daily_cap = "daily_cap"  # the submitter has used today's jobs
     queue_full = "queue_full"  # everybody's cap: try again later
+    in_progress = "in_progress"  # the same request is being submitted right now
 
 
 # The refusals that are final (not "try again later"): the digest lists them.
 FINAL = (Refusal.invalid, Refusal.blocked, Refusal.unavailable)
+# A second submission of one id waits this long for the first to finish.
+LOCK_WAIT_S = 30.0
+LOCK_TTL_MS = 15 * 60 * 1000  # longer than any upload; a dead holder's lock then lapses
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,8 @@ class Submitter:
     async def _submit(self, request: Request) -> Accepted | Refused:
         names = [upload.name for upload in request.inputs]
         kept = [request.kept.name] if request.kept else []
+        if problem := _name_problem(names + kept):
+            return Refused(Refusal.invalid, problem, [{"field": "file", "reason": problem}])
         texts = _texts({"prompt": request.prompt, "options": request.options,
                         "file": names + kept})
         problems = [{"field": where, "reason": "holds a lone surrogate, which is not text"}
@@ -184,50 +195,96 @@ class Submitter:
                            [{"field": "kind", "reason": "cannot run on this server now"}])
 
         job_id = request.job_id or new_job_id()
-        existing = await asyncio.to_thread(self._known_spec, job_id)
-        if existing is not None:
-            queued = await self.queue.enqueue(existing)
-            return Accepted(existing, queued.position, duplicate=not queued.accepted)
+        if request.job_id is None:
+            return await self._place(request, job_id, options)
+        # One submission of an id at a time: the same request sent twice at once (a
+        # retried POST, an update fetched again) must not write one folder twice.
+        async with self._only_submission_of(job_id) as alone:
+            if not alone:
+                return Refused(Refusal.in_progress, "the same request is being queued right "
+                               "now; ask again in a moment to see its job")
+            return await self._place(request, job_id, options)
 
+    async def _place(self, request: Request, job_id: str, options: dict[str, Any]
+                     ) -> Accepted | Refused:
+        """Caps, the job folder and the enqueue, for a request that passed its checks."""
+        existing = await asyncio.to_thread(self._known_spec, job_id)
+        if existing is not None and not _same(existing, request, options):
+            return Refused(Refusal.invalid, "a different request was already sent under "
+                           "this id (an Idempotency-Key is for retrying one request)",
+                           [{"field": "Idempotency-Key", "reason": "used for another request"}])
         limits = Limits(request.limits.max_queued or self.default_limits.max_queued,
                         request.limits.max_per_day or self.default_limits.max_per_day)
         place = await caps.reserve(self.queue.redis, job_id, request.submitted_by,
                                    limits.max_queued, limits.max_per_day, self.max_waiting)
         if not place.ok:
             return self._over_cap(place, limits)
+        if existing is not None:
+            # Seen before: queued already (a duplicate), or its first submission died
+            # between writing the spec and queueing it, and this one finishes it.
+            return await self._enqueue(existing, place, wrote=False)
         uploads = [*request.inputs, *([request.kept] if request.kept else [])]
         spec = JobSpec(id=job_id, kind=request.kind, prompt=request.prompt, options=options,
                        inputs=[upload.name for upload in uploads], source=request.source,
                        submitted_by=request.submitted_by, priority=request.priority)
-        async with self._undone_on_failure(spec, place,
-                                           keep_files=request.job_id is not None):
-            directory = job_dir(self.jobs_dir, job_id)
+        directory = job_dir(self.jobs_dir, job_id)
+        try:
             for upload in uploads:
                 await upload.put(directory / "inputs" / upload.name)
             await asyncio.to_thread(write_spec, self.jobs_dir, spec)
+        except BaseException as exc:
+            await self._undo(spec, place, wrote=True)
+            if isinstance(exc, JobError):  # an input its channel could not hand over
+                return Refused(Refusal.invalid, str(exc), exc.problems)
+            raise
+        return await self._enqueue(spec, place, wrote=True)
+
+    async def _enqueue(self, spec: JobSpec, place: caps.Reservation, wrote: bool) -> Accepted:
+        try:
             queued = await self.queue.enqueue(spec)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                if await self.queue.is_waiting(spec.id):  # it went in before the failure
+                    return Accepted(spec, None, duplicate=False)
+                await self.queue.forget(spec)  # what enqueue wrote before it failed
+            await self._undo(spec, place, wrote)
+            raise
+        with contextlib.suppress(RedisError, OSError):  # else it expires as stale
+            await caps.settle(self.queue.redis, place)
         return Accepted(spec, queued.position, duplicate=not queued.accepted)
+
+    async def _undo(self, spec: JobSpec, place: caps.Reservation, wrote: bool) -> None:
+        """A submission that failed leaves nothing: its folder (if this one wrote it) and
+        its place under the caps (if this one took it)."""
+        if wrote:
+            await asyncio.to_thread(shutil.rmtree, job_dir(self.jobs_dir, spec.id), True)
+        if place.taken:
+            # Best effort: with Redis gone, the place frees itself (daemon.caps).
+            with contextlib.suppress(RedisError, OSError):
+                await caps.give_back(self.queue.redis, place)
+
+    @contextlib.asynccontextmanager
+    async def _only_submission_of(self, job_id: str) -> AsyncIterator[bool]:
+        """Hold the id while submitting it; False when another submission of it kept it
+        for longer than ``LOCK_WAIT_S``."""
+        key, token = f"{PREFIX}submitting:{job_id}", new_job_id()
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while not await self.queue.redis.set(key, token, nx=True, px=LOCK_TTL_MS):
+            if time.monotonic() > deadline:
+                yield False
+                return
+            await asyncio.sleep(0.05)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await self.queue.redis.eval(_RELEASE, 1, key, token)
 
     def _known_spec(self, job_id: str) -> JobSpec | None:
         try:
             return read_spec(self.jobs_dir, job_id)
         except FileNotFoundError:
             return None
-
-    @contextlib.asynccontextmanager
-    async def _undone_on_failure(self, spec: JobSpec, place: caps.Reservation,
-                                 keep_files: bool) -> AsyncIterator[None]:
-        try:
-            yield
-        except BaseException:
-            directory = job_dir(self.jobs_dir, spec.id)
-            if not (keep_files and (directory / "spec.json").exists()):
-                shutil.rmtree(directory, ignore_errors=True)
-            if place.taken:
-                # Best effort: with Redis gone, the place frees itself (daemon.caps).
-                with contextlib.suppress(RedisError, OSError):
-                    await caps.give_back(self.queue.redis, spec.id, spec.submitted_by)
-            raise
 
     def _over_cap(self, place: caps.Reservation, limits: Limits) -> Refused:
         if place.verdict == "queue_full":
@@ -258,3 +315,20 @@ def _texts(value: Any, field: str = "") -> Iterator[tuple[str, str]]:
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             stack.extend(reversed([(f"{where}.{key}".lstrip("."), child)
                                    for key, child in pairs]))
+
+
+def _name_problem(names: list[str]) -> str | None:
+    """Input names are plain file names inside the job folder, each once."""
+    for name in names:
+        if name in ("", ".", "..") or "\0" in name or PurePath(name).name != name \
+                or "\\" in name:
+            return f"{name!r} is not a plain file name"
+    if len(set(names)) < len(names):
+        return "two input files have the same name"
+    return None
+
+
+def _same(spec: JobSpec, request: Request, options: dict[str, Any]) -> bool:
+    """Whether ``request`` asks for what the job made under its id asked for."""
+    return (spec.kind, spec.prompt, spec.options, spec.submitted_by) == \
+        (request.kind, request.prompt, options, request.submitted_by)

@@ -81,7 +81,8 @@ UNCLOSED_GRACE = 5  # a written file never seen closed is taken after settle × 
 RESCAN_S = 30.0  # a safety net for missed events (inotify queue overflow, odd shares)
 RESTAT_S = 0.25  # how often a file that is still settling is looked at again
 # A full queue or a submitter's cap delays a dropped file; it never fails it.
-WAIT_IN_INBOX = (Refusal.queue_full, Refusal.queued_cap, Refusal.daily_cap)
+WAIT_IN_INBOX = (Refusal.queue_full, Refusal.queued_cap, Refusal.daily_cap,
+                 Refusal.in_progress)
 RETRY_S = 2.0  # a file that could not be queued (Redis away) is offered again after this
 
 log = get_logger(component="folder")

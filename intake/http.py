@@ -70,7 +70,8 @@ STATIC = Path(__file__).parent / "static"
 REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", str)
 REFUSAL_STATUS = {Refusal.invalid: 422, Refusal.blocked: 422, Refusal.unavailable: 422,
-                  Refusal.queued_cap: 429, Refusal.daily_cap: 429, Refusal.queue_full: 503}
+                  Refusal.queued_cap: 429, Refusal.daily_cap: 429, Refusal.queue_full: 503,
+                  Refusal.in_progress: 409}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from daemon.encoding import probe
 from tests import tiny_models
 from workers.context import JobCancelled
 from workers.ladder import LADDER, Rung, ladder_for
@@ -266,7 +267,7 @@ def test_a_scene_becomes_an_h264_clip_through_the_clip_writer(tmp_path_factory, 
     fmt = encode.VideoFormat(width=request.width, height=request.height, fps=request.fps)
     with encode.clip_writer(tmp_path / "scene_01.mp4", fmt) as write:
         result = diffusion.render_scene(request, settings, write, resident=RESIDENCY)
-    info = encode.probe(tmp_path / "scene_01.mp4")
+    info = probe(tmp_path / "scene_01.mp4")
     assert (info.width, info.height) == (40, 30) and result.frames == 12
     last = diffusion.last_frame_of_clip(tmp_path / "scene_01.mp4", 40, 30)
     assert last.shape == (30, 40, 3)

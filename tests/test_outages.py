@@ -18,13 +18,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from daemon import service
 from daemon.compose import read_config
 from daemon.delivery import DeliveryLoop
+from daemon.encoding import FFmpegError
 from daemon.jobs import JobError
 from daemon.queue import DELIVERIES_ACTIVE_KEY, DELIVERIES_KEY, QueueClient
 from daemon.redis_server import EmbeddedRedis
 from daemon.supervisor import Supervisor
 from intake.folder import FolderIntake
 from tests.conftest import submitter_for, wait_for, write_config
-from workers.pipelines.encode import FFmpegError
 from workers.runner import disk_full_reason
 
 pytestmark = pytest.mark.timeout(60)

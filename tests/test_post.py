@@ -14,6 +14,7 @@ import pytest
 
 from daemon.compose import config_class
 from daemon.config import StateConfig
+from daemon.encoding import FFmpegError
 from daemon.jobs import JobError, JobSpec, JobStatus, Source
 from daemon.storyboard import Storyboard, StoryboardScene
 from workers import fonts
@@ -119,7 +120,7 @@ def test_verify_names_what_is_wrong(tmp_path) -> None:
     board = make_board(("One.", None, 24))
     production, _ = produce(tmp_path, board, subtitles="off")
     assert [s.kind for s in production.info.streams] == ["video", "audio"]
-    with pytest.raises(encode.FFmpegError) as info:
+    with pytest.raises(FFmpegError) as info:
         encode.verify(production.video, encode.VideoFormat(160, 96, 8), 30, subtitles=True)
     message = str(info.value)
     assert "has 24 frames (3.000 s), not 30 (3.750 s)" in message

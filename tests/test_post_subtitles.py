@@ -11,10 +11,11 @@ import pytest
 
 from daemon.compose import config_class
 from daemon.config import StateConfig
+from daemon.encoding import probe
 from daemon.jobs import JobSpec, JobStatus, Source
 from tests.test_post import FMT, GREY, decode, make_board, produce
 from workers import fonts
-from workers.pipelines import encode, subtitles
+from workers.pipelines import subtitles
 from workers.pipelines.video_settings import PostConfig, VideoConfig
 from workers.runner import run_job_sync
 
@@ -115,7 +116,7 @@ def test_without_a_font_for_the_script_the_job_warns_and_draws_no_boxes(tmp_path
     assert report["subtitles"]["burned_in"] is False
     # The words still travel: in the files and as a track a player draws with its fonts.
     assert "夕阳西下" in (job_dir / "subtitles.srt").read_text(encoding="utf-8")
-    streams = encode.probe(job_dir / "video.mp4").streams
+    streams = probe(job_dir / "video.mp4").streams
     assert [s.codec for s in streams if s.kind == "subtitle"] == ["mov_text"]
     assert "<track" in (job_dir / "report.html").read_text(encoding="utf-8")
 

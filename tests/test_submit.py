@@ -16,10 +16,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon import cli
+from daemon import caps, cli
 from daemon.compose import read_config
 from daemon.config import Config
+from daemon.jobs import Source
 from daemon.queue import QueueClient
+from daemon.submit import Refusal, Refused, Request, Upload
 from intake.folder import FolderIntake
 from intake.http import HttpApi
 from intake.telegram.asks import Ask
@@ -247,5 +249,79 @@ async def test_a_kind_whose_model_is_missing_is_refused_at_once(tmp_path, redis_
                 assert response.status == 422 and says in message, message
                 assert "fetch_models.py" in message
         assert job_folders(config) == [] and await queue.queue_length() == 0
+    finally:
+        await queue.close()
+
+
+async def test_parallel_posts_from_many_tokens_cannot_pass_the_global_cap(tmp_path, redis_url):
+    tokens = "\n".join(f'[[intake.http.tokens]]\nname = "t{n}"\ntoken = "secret-{n}"'
+                       for n in range(10))
+    config = read_config(write_config(tmp_path, redis_url, queue="max_queued = 3", **{
+        "intake.http": f"enabled = true\n{tokens}"}))
+    queue = await QueueClient.open(config.redis.url)
+    api = HttpApi(config, submitter_for(config, queue))
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            responses = await asyncio.gather(*(
+                client.post("/jobs", json={"prompt": f"owl {n}"},
+                            headers={"Authorization": f"Bearer secret-{n}"})
+                for n in range(10)))
+        assert sorted(r.status for r in responses) == [202] * 3 + [503] * 7
+        assert await queue.queue_length() == 3 and len(job_folders(config)) == 3
+    finally:
+        await queue.close()
+
+
+async def test_one_idempotency_key_sent_in_parallel_makes_one_job(tmp_path, redis_url):
+    config = read_config(write_config(tmp_path, redis_url, **{
+        "intake.http": 'enabled = true\n[[intake.http.tokens]]\nname = "lab"\ntoken = "t"'}))
+    queue = await QueueClient.open(config.redis.url)
+    api = HttpApi(config, submitter_for(config, queue))
+    headers = {**TOKEN, "Idempotency-Key": "night-batch-17"}
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            responses = await asyncio.gather(*(
+                client.post("/jobs", json={"prompt": "a patient heron"}, headers=headers)
+                for _ in range(5)))
+            assert [r.status for r in responses] == [202] * 5
+            ids = {(await r.json())["id"] for r in responses}
+            assert len(ids) == 1 and job_folders(config) == sorted(ids)
+            assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 4
+            # The same key for another request is a mistake, said as one.
+            other = await client.post("/jobs", json={"prompt": "a quick fox"}, headers=headers)
+            assert other.status == 422
+            assert "Idempotency-Key" in (await other.json())["error"]["message"]
+        assert await queue.queue_length() == 1
+    finally:
+        await queue.close()
+
+
+async def test_input_names_stay_inside_the_job_folder(config, redis_url):
+    queue = await QueueClient.open(redis_url)
+    submitter = submitter_for(config, queue)
+
+    def request(*names: str) -> Request:
+        return Request(kind="long_exposure", prompt="", options={},
+                       source=Source(channel="cli"), submitted_by="ann",
+                       inputs=tuple(Upload.of_bytes(name, b"x") for name in names))
+
+    try:
+        for names in (("../escape.png",), ("/etc/escape.png",), ("a.png", "a.png")):
+            answer = await submitter.submit(request(*names))
+            assert isinstance(answer, Refused) and answer.why == Refusal.invalid, names
+        assert job_folders(config) == [] and not (config.jobs_dir.parent / "escape.png").exists()
+    finally:
+        await queue.close()
+
+
+async def test_a_place_given_back_after_midnight_leaves_no_negative_count(redis_url):
+    queue = await QueueClient.open(redis_url)
+    try:
+        place = await caps.reserve(queue.redis, "job1", "ann", 0, 5, 0)
+        assert place.taken
+        await queue.redis.delete(place.daily_key)  # the day ended, its counter expired
+        await caps.give_back(queue.redis, place)
+        assert await queue.redis.exists(place.daily_key) == 0
+        assert await queue.redis.zcard(caps.active_key("ann")) == 0
     finally:
         await queue.close()

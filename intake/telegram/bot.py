@@ -316,9 +316,8 @@ class ChatIntake:
         error = context.error
         assert error is not None
         if isinstance(error, RedisError):
-            # Every command needs Redis; submit checks it before writing anything, so
-            # "nothing was queued" holds (see Submissions.submit for the one narrow
-            # exception).
+            # Every command needs Redis. A submission that fails on it leaves nothing
+            # (daemon.submit undoes what it wrote), so "nothing was queued" holds.
             log.warning("a chat update failed: redis unavailable", error=str(error))
             text = texts.queue_unavailable()
         else:

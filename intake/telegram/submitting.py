@@ -88,10 +88,7 @@ class Submissions:
         # Held until the progress message is recorded: a job quick enough to finish first
         # is delivered after that, so its progress message gets its last word too.
         async with self.progress.lock(job_id):
-            try:
-                answer = await self.submitter.submit(request)
-            except JobError as exc:  # the attachment could not be fetched
-                answer = Refused(Refusal.invalid, str(exc))
+            answer = await self.submitter.submit(request)
             if isinstance(answer, Refused):
                 await reply(self.bot, ask, texts.not_queued(_in_chat_words(answer)))
                 return

@@ -12,8 +12,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from daemon.encoding import AUDIO_BITRATE, FFmpegError, run_ffmpeg
 from daemon.jobs import JobError
-from workers.pipelines.encode import AUDIO_BITRATE, AUDIO_RATE, FFmpegError, run_ffmpeg
+from workers.pipelines.encode import AUDIO_RATE
 from workers.pipelines.video_settings import MUSIC_RANDOM, PostConfig
 
 MUSIC_SUFFIXES = (".mp3", ".m4a", ".aac", ".wav", ".flac", ".ogg", ".oga", ".opus")

@@ -25,20 +25,14 @@ import imageio_ffmpeg
 import numpy as np
 
 from daemon.encoding import (
-    AUDIO_BITRATE,
     X264_ARGS,
     FFmpegError,
     MediaInfo,
     ffmpeg_command,
-    fit_to_size,
     probe,
     run_ffmpeg,
     stderr_tail,
 )
-
-__all__ = ["AUDIO_BITRATE", "AUDIO_RATE", "CLIP_CRF", "ENCODER_ID", "X264_ARGS", "FFmpegError",
-           "MediaInfo", "VideoFormat", "audio_samples", "clip_writer", "fit_to_size", "probe",
-           "run_ffmpeg", "verify", "video_writer"]
 
 # Scene clips are intermediates that post-production decodes and encodes once more:
 # high quality keeps that second generation clean.

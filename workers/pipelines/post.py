@@ -24,6 +24,7 @@ import numpy as np
 from moviepy import VideoClip, VideoFileClip
 
 from daemon import files
+from daemon.encoding import MediaInfo, fit_to_size
 from daemon.storyboard import Storyboard
 from workers import fonts
 from workers.context import JobContext
@@ -41,7 +42,7 @@ class Production:
     """What post-production made, for the job's result and report."""
 
     video: Path
-    info: encode.MediaInfo
+    info: MediaInfo
     fps: int  # the finished video's rate: the storyboard's times smooth_motion
     cues: list[subtitles.Cue]  # counted in frames of the storyboard's rate
     subtitle_files: list[Path]
@@ -124,7 +125,7 @@ def produce(job: JobContext, board: Storyboard, clips: list[Path], fmt: encode.V
         fitted_kbps = None
         if settings.max_mb and encoded.stat().st_size > settings.max_mb * 1e6:
             fitted = scratch / "fitted.mp4"
-            fitted_kbps = encode.fit_to_size(encoded, fitted, int(settings.max_mb * 1e6), scratch)
+            fitted_kbps = fit_to_size(encoded, fitted, int(settings.max_mb * 1e6), scratch)
             degradations.append(f"re-encoded at {fitted_kbps} kbit/s to fit max_mb = "
                                 f"{settings.max_mb:g} (it was {encoded.stat().st_size / 1e6:.1f}"
                                 " MB)")

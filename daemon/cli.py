@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
+from daemon import channel_state
 from daemon.compose import read_config
 from daemon.config import Config, ConfigError, find_config_file
 from daemon.jobs import (
@@ -192,6 +194,15 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                         console.print(f"{key:>13}: {state[key]}")
                 return 0
             console.print(f"queue length: {await queue.queue_length()}")
+            channels = channel_state.decode(await queue.redis.hgetall(channel_state.KEY))
+            if not channels:
+                console.print("[yellow]no daemon seen[/]: no channel takes requests; start "
+                              "it with `reelqueue up` (or `reelqueue daemon`)")
+            for name, state in channels.items():
+                running = state.get("state") == channel_state.RUNNING
+                # No markup: an error names paths and [tables].
+                console.print(channel_state.describe(name, state), markup=False,
+                              highlight=False, soft_wrap=True, style=None if running else "red")
             if paused := await queue.paused():
                 console.print(f"[yellow]paused[/] by {paused['by']}: "
                               f"{paused['reason'] or 'no reason given'}")
@@ -381,35 +392,44 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     _print_where(config)
     supervisor.start()
     try:
-        return asyncio.run(_demo_job(config, folder.path))
+        return asyncio.run(_demo_job(config, folder.path, supervisor.exited))
     finally:
         supervisor.stop()
 
 
-async def _demo_job(config: Config, inbox: Path) -> int:
+async def _demo_job(config: Config, inbox: Path, exited: Callable[[str], int | None]) -> int:
+    """``exited(name)``: the exit status of the supervisor's child ``name`` if it is down."""
     from daemon.progress import follow_job
     from intake.folder import folder_job_id
 
     queue = await wait_for_worker(config, timeout_s=60)
+    name = "fox.txt"
+    data = (DEMO_PROMPT + "\n").encode()
+    request = inbox / name
+    job_id = folder_job_id(config.jobs_dir, inbox, name, hashlib.sha256(data).hexdigest())
+    dropped = taken = False
     try:
-        name = "fox.txt"
-        data = (DEMO_PROMPT + "\n").encode()
-        request = inbox / name
+        await _wait_for_folder(queue, inbox, exited)
         if request.exists():
             raise JobError(f"{request} is already waiting in the inbox; run `reelqueue up` to "
                            "process it, or remove it")
-        job_id = folder_job_id(config.jobs_dir, inbox, name, hashlib.sha256(data).hexdigest())
         tmp = inbox / f".{name}.part"
         tmp.write_bytes(data)
         tmp.rename(request)  # renamed in, as a careful writer would
+        dropped = True
         console.print(f"dropped [cyan]{request}[/]: {DEMO_PROMPT}")
         deadline = time.monotonic() + 60
         while await queue.get_state(job_id) is None:  # until the daemon has taken the file
             if time.monotonic() > deadline:
-                raise JobError("the daemon did not take the demo file within 60 s; see its log")
-            await asyncio.sleep(0.05)
+                raise JobError(f"the daemon did not take {request} within 60 s; its log is "
+                               "above, on this terminal (the daemon logs to stderr)")
+            await _folder_trouble(queue, inbox, exited)
+            await asyncio.sleep(0.1)
+        taken = True
         state = await follow_job(queue, job_id, console)
     finally:
+        if dropped and not taken:
+            request.unlink(missing_ok=True)  # never leave our own request behind
         await queue.close()
     plan = config.jobs_dir / job_id / "delivery.json"
     while not (plan.exists() and json.loads(plan.read_text()).get("delivered")):
@@ -423,6 +443,31 @@ async def _demo_job(config: Config, inbox: Path) -> int:
     for role in ("primary", "report.html", "report.json", "request"):
         console.print(f"  {role:>11}: {files[role]}")
     return 0
+
+
+async def _folder_trouble(queue: QueueClient, inbox: Path,
+                          exited: Callable[[str], int | None]) -> bool:
+    """Raise, naming the cause, when the daemon cannot take a file dropped in ``inbox``;
+    False while it has not said yet whether its drop folder runs."""
+    code = exited("daemon")
+    if code is not None:
+        raise JobError(f"the daemon exited (status {code}) and cannot take the demo file; "
+                       "its log is above, on this terminal (the daemon logs to stderr)")
+    folder = channel_state.decode(await queue.redis.hgetall(channel_state.KEY)).get(
+        Channel.folder, {})
+    if folder.get("state") == channel_state.FAILED:
+        raise JobError(f"the daemon cannot watch {inbox}: {folder.get('error')}")
+    return folder.get("state") == channel_state.RUNNING
+
+
+async def _wait_for_folder(queue: QueueClient, inbox: Path,
+                           exited: Callable[[str], int | None], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await _folder_trouble(queue, inbox, exited):
+        if time.monotonic() > deadline:
+            raise JobError(f"the daemon did not start watching {inbox} within {timeout_s:.0f} "
+                           "s; its log is above, on this terminal (the daemon logs to stderr)")
+        await asyncio.sleep(0.1)
 
 
 async def wait_for_worker(config: Config, timeout_s: float) -> QueueClient:

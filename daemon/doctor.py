@@ -18,11 +18,14 @@ the checks that need them (the daemon imports no worker code at module level).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ from types import ModuleType
 
 import redis
 
+from daemon import channel_state
 from daemon.compose import read_config
 from daemon.config import Config, ConfigError
 from daemon.findings import Finding, Level
@@ -67,6 +71,7 @@ def run_checks(config: Config, disk_limits: DiskLimits = DiskLimits()) -> list[F
         ("python", check_python_packages),
         ("ffmpeg", check_ffmpeg),
         ("redis", lambda: check_redis(config)),
+        ("http", lambda: check_http_port(config)),
         ("gpu", check_gpu),
         ("models", lambda: check_models(config)),
         ("folders", lambda: check_folders(config)),
@@ -119,8 +124,6 @@ def check_config(config: Config) -> list[Finding]:
         if channel.enabled(config):
             findings += channel.checks(config)
     return findings
-
-
 
 
 # --- Python packages -------------------------------------------------------------------
@@ -280,6 +283,35 @@ def persistence_findings(settings: dict[str, str]) -> list[Finding]:
                                 "set: a full Redis evicts queued jobs without a word",
                                 "set maxmemory-policy noeviction"))
     return findings
+
+
+def check_http_port(config: Config) -> list[Finding]:
+    """The HTTP API's port: free, or held by this reelqueue's own daemon (which says so
+    in Redis, ``daemon.channel_state``). Anything else keeps the API down."""
+    http = config.intake.http
+    if not http.enabled:
+        return []
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(http.host, http.port,
+                                                             type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+            probe.bind(address)
+        return [Finding(Level.OK, "http", f"{http.listen} is free for the HTTP API")]
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return [Finding(Level.ERROR, "http", f"cannot listen on {http.listen}: {exc}",
+                            "fix [intake.http] listen (a local address, a free port)")]
+    with contextlib.suppress(redis.RedisError, OSError), redis_endpoint(config)[1] as client:
+        ours = channel_state.decode(client.hgetall(channel_state.KEY)).get("http", {})
+        if ours.get("state") == channel_state.RUNNING:
+            return [Finding(Level.OK, "http", f"{http.listen} is held by reelqueue's own "
+                            f"daemon (pid {ours.get('pid')}), serving the HTTP API")]
+    return [Finding(Level.ERROR, "http",
+                    f"{http.listen} is held by another program: the HTTP API cannot start "
+                    "(the daemon keeps trying; its other channels run)",
+                    f"find it with `ss -ltnp 'sport = :{http.port}'` and stop it, or change "
+                    "[intake.http] listen")]
 
 
 def wait_for_redis(config: Config, timeout_s: float) -> int:

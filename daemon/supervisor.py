@@ -1,10 +1,16 @@
 """``reelqueue up``: the embedded Redis, the daemon and one worker in the foreground,
 like ``docker compose up``. Children that die are restarted with backoff, and so is the
 embedded Redis (on its AOF: queued jobs survive); Ctrl-C (or SIGTERM) stops the daemon
-and the worker gracefully, then Redis."""
+and the worker gracefully, then Redis.
+
+The children end with the supervisor even when it is SIGKILLed (``daemon.lifeline``).
+Their ids are kept in ``<state>/up.json``; a start that finds processes of an earlier
+run still alive there names them and how to stop them, and starts nothing."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +20,10 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
+from daemon import files
 from daemon.config import Config
+from daemon.jobs import JobError
+from daemon.lifeline import SUPERVISED_ENV, command_line, die_with_parent, still_running
 from daemon.logs import get_logger
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError
 
@@ -34,8 +43,10 @@ class Child:
 
     def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches the supervisor alone, which
-        # then stops the children in order.
-        self.process = subprocess.Popen(self.argv, start_new_session=True)
+        # then stops the children in order. Tied to the supervisor: SIGTERM when it dies.
+        self.process = subprocess.Popen(
+            self.argv, start_new_session=True, preexec_fn=die_with_parent(),
+            env={**os.environ, SUPERVISED_ENV: str(os.getpid())})
         self.started_at = time.monotonic()
         log.info("started", child=self.name, pid=self.process.pid)
 
@@ -55,13 +66,52 @@ class Supervisor:
         self.redis_failures = 0
         self.redis_next_try = 0.0
         self.stopping = False
+        self.pid_file = config.state_dir / "up.json"
 
     def start(self) -> None:
+        self.refuse_leftovers()
         if not self.config.redis.url:
-            self.redis = EmbeddedRedis(self.config.state_dir, self.config.redis.appendfsync)
+            self.redis = EmbeddedRedis(self.config.state_dir, self.config.redis.appendfsync,
+                                       die_with_parent=True)
             self.owns_redis = self.redis.start()
         for child in self.children:
             child.start()
+        self.record_pids()
+
+    def exited(self, name: str) -> int | None:
+        """The exit status of child ``name`` when it is not running, else None."""
+        child = next(child for child in self.children if child.name == name)
+        return None if child.process is None else child.process.poll()
+
+    def record_pids(self) -> None:
+        """``up.json``: this supervisor and what it started, as their command lines."""
+        recorded = {"up": os.getpid()} | {
+            child.name: child.process.pid for child in self.children if child.process}
+        if self.redis is not None and self.owns_redis and (pid := self.redis.pid()):
+            recorded["redis"] = pid
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        files.write_json(self.pid_file, {name: {"pid": pid, "argv": command_line(pid)}
+                                         for name, pid in recorded.items()})
+
+    def refuse_leftovers(self) -> None:
+        """Raise, naming them and how to stop them, if processes an earlier ``up`` (or
+        ``demo``) started still run: a second daemon would find the port taken, a second
+        worker would share the GPU."""
+        try:
+            earlier = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        alive = {name: entry["pid"] for name, entry in earlier.items()
+                 if entry.get("argv") and still_running(entry["pid"], entry["argv"])}
+        if not alive:
+            return
+        names = ", ".join(f"{name} (pid {pid})" for name, pid in alive.items())
+        if "up" in alive:
+            raise JobError(f"reelqueue up already runs for {self.config.state_dir}: {names}; "
+                           f"stop it with Ctrl-C there, or `kill {alive['up']}`")
+        raise JobError(f"processes of an earlier reelqueue up still run: {names}. Stop them "
+                       f"with `kill {' '.join(str(pid) for pid in alive.values())}` (a clean "
+                       "stop), then start again")
 
     def check(self) -> None:
         """Restart the embedded Redis if it died, and children that exited, with
@@ -85,6 +135,7 @@ class Supervisor:
                 child.restarts += 1
                 child.next_start = 0.0
                 child.start()
+                self.record_pids()
 
     def keep_redis(self, now: float) -> None:
         """Start the embedded Redis again if it died. The daemon does the same, and the
@@ -92,7 +143,8 @@ class Supervisor:
         that is down or restarting at that moment."""
         assert self.redis is not None
         try:
-            self.redis.revive()
+            if self.redis.revive():
+                self.record_pids()
             self.redis_failures = 0
         # A damaged AOF (its log tail says so), or a server dying again as it starts.
         except (EmbeddedRedisError, RedisError, OSError) as exc:
@@ -118,6 +170,7 @@ class Supervisor:
                 child.process.wait()
         if self.redis is not None and self.owns_redis:
             self.redis.stop(only_if_idle=False)
+        self.pid_file.unlink(missing_ok=True)
 
     def serve_forever(self) -> int:
         stop_requested = False

@@ -445,8 +445,8 @@ class _BadRequest(Exception):
     pass
 
 
-_REASONS = {400: "Bad Request", 413: "Request Entity Too Large", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway"}
+_REASONS = {400: "Bad Request", 403: "Forbidden", 413: "Request Entity Too Large",
+            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway"}
 
 
 def _error(status: int, description: str, parameters: dict[str, Any] | None = None

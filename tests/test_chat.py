@@ -541,6 +541,56 @@ async def test_a_progress_message_that_cannot_take_the_video_gets_it_as_a_new_re
         assert "is done" in bot_api.message(ALICE, progress_id)["text"]
 
 
+@pytest.mark.parametrize("reason", ["MESSAGE_EDIT_TIME_EXPIRED", "MEDIA_EMPTY",
+                                    "some refusal nobody has seen yet"])
+async def test_any_refused_edit_of_the_progress_message_sends_the_video_as_a_new_reply(
+        make_chat, bot_api, rendered, reason):
+    chat = await make_chat()
+    request, job_id, _ = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    bot_api.fail("editMessageMedia", 400, reason=reason)
+    await deliver(chat, job_id)
+    [video] = bot_api.sent("sendVideo")
+    assert video.params["reply_parameters"]["message_id"] == request["message_id"]
+    assert [v["message_id"] for v in bot_api.videos(ALICE)] == [video.result["message_id"]]
+    steps = json.loads((job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").read_text())
+    assert steps["video"]["edited"] is False and "skipped" not in steps["video"]
+    assert len(bot_api.sent("sendDocument")) == 1  # and the report follows it
+
+
+@pytest.mark.parametrize(("status", "reason"), [(400, "chat not found"),
+                                                (403, "bot was blocked by the user")])
+async def test_a_video_for_a_chat_that_is_gone_is_skipped_not_retried(
+        make_chat, bot_api, rendered, status, reason):
+    chat = await make_chat()
+    _, job_id, _ = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    bot_api.fail("editMessageMedia", status, reason=reason)
+    bot_api.fail("sendVideo", status, reason=reason)
+    bot_api.fail("sendMessage", status, reason=reason)
+    bot_api.fail("sendDocument", status, reason=reason)
+    await deliver(chat, job_id)  # no ChatUnavailable: nothing left to retry
+    steps = json.loads((job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json").read_text())
+    assert reason.lower() in steps["video"]["skipped"].lower()
+    assert bot_api.sent("sendVideo") == [] and bot_api.videos(ALICE) == []
+
+
+async def test_another_refusal_of_the_new_message_is_retried_not_skipped(
+        make_chat, bot_api, rendered):
+    chat = await make_chat()
+    _, job_id, _ = await ask_for_video(bot_api)
+    await finish_like_a_worker(chat, job_id, rendered)
+    bot_api.fail("editMessageMedia", 400, reason="MESSAGE_EDIT_TIME_EXPIRED")
+    bot_api.fail("sendVideo", 400, reason="wrong file identifier/HTTP URL specified")
+    with pytest.raises(ChatUnavailable):
+        await deliver(chat, job_id)
+    steps = job_dir(chat.config.jobs_dir, job_id) / "chat-delivery.json"
+    assert not steps.exists() or "video" not in json.loads(steps.read_text())
+    await deliver(chat, job_id)  # the delivery loop's retry: the edit works this time
+    assert len(bot_api.videos(ALICE)) == 1
+    assert "skipped" not in json.loads(steps.read_text())["video"]
+
+
 async def test_a_result_that_is_not_a_video_turns_the_progress_message_into_a_document(
         make_chat, bot_api):
     chat = await make_chat()

@@ -390,3 +390,34 @@ def test_module_runs_every_check(tmp_path: Path) -> None:
                  "fonts"):
         assert f"  {area}" in result.stdout
     assert "packages import" in result.stdout
+
+
+# --- the HTTP API's port ---------------------------------------------------------------
+
+
+def test_http_port_free_held_by_another_program_or_by_our_daemon(tmp_path: Path,
+                                                                 redis_url: str) -> None:
+    import json
+    import socket
+
+    from daemon import channel_state
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = make_config(tmp_path, redis_url,
+                         **{"intake.http": f'enabled = true\nlisten = "127.0.0.1:{port}"'})
+    [free] = doctor.check_http_port(config)
+    assert free.level is Level.OK and "is free" in free.what
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        [other] = doctor.check_http_port(config)
+        assert other.level is Level.ERROR and "held by another program" in other.what
+        assert f"sport = :{port}" in other.fix
+        with redis_sync.Redis.from_url(redis_url) as client:  # as our daemon records it
+            client.hset(channel_state.KEY, "http", json.dumps({"state": "running",
+                                                               "pid": 4242}))
+            [ours] = doctor.check_http_port(config)
+            client.delete(channel_state.KEY)
+        assert ours.level is Level.OK and "reelqueue's own daemon (pid 4242)" in ours.what
+    assert doctor.check_http_port(make_config(tmp_path, redis_url)) == []  # http off

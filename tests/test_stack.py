@@ -309,3 +309,25 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_tries(tmp_path, 
     assert error.exists(), "the poison job never failed"
     assert deaths == 2
     assert "started 2 times and each time its worker died" in error.read_text()
+
+
+def test_up_beside_leftovers_of_an_earlier_up_names_them_and_starts_nothing(tmp_path):
+    from daemon.lifeline import command_line
+
+    config_file = write_config(tmp_path, "")
+    leftover = subprocess.Popen(["sleep", "60"])  # stands in for an orphaned daemon
+    try:
+        state = tmp_path / "var"
+        state.mkdir()
+        (state / "up.json").write_text(json.dumps({
+            "up": {"pid": 999999999, "argv": ["gone"]},
+            "daemon": {"pid": leftover.pid, "argv": command_line(leftover.pid)}}))
+        result = run_cli(config_file, "up", timeout=30)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"daemon (pid {leftover.pid})" in result.stderr
+        assert f"kill {leftover.pid}" in result.stderr
+        assert not (state / "redis" / "redis.sock").exists()  # nothing was started
+        assert leftover.poll() is None  # and nothing was killed
+    finally:
+        leftover.kill()
+        leftover.wait()

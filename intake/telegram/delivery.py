@@ -34,10 +34,14 @@ DELIVERY_FILE = "chat-delivery.json"
 SMALL_VIDEO = "video-small.mp4"
 UPLOAD_TIMEOUT_S = 300.0  # a local Bot API server takes files up to 2 GB
 READY_WAIT_S = 3.0  # a delivery waits this long for the bot to connect before retrying
-# Why a progress message cannot take the result: the user deleted it; it cannot be
-# edited; a (self-hosted) Bot API server too old to add media to a text message.
+# Why a progress message cannot take its last word: the user deleted it, or it can no
+# longer be edited. The result itself goes as a new message on any failed edit.
 _UNEDITABLE = ("message to edit not found", "message can't be edited",
-               "there is no media in the message to edit")
+               "message_edit_time_expired", "there is no media in the message to edit")
+# The only Bad Requests after which a step is given up: the chat is gone. (Forbidden,
+# a bot blocked or removed from the group, is given up too.)
+_CHAT_GONE = ("chat not found", "chat_id is empty", "group chat was deactivated",
+              "peer_id_invalid")
 
 
 class ChatUnavailable(Exception):
@@ -210,16 +214,16 @@ class Delivery:
                 reason = str(exc).lower()
                 if "not modified" in reason:  # it has this content already: done before
                     return {"message_id": progress_id, "edited": True}
-                if not any(why in reason for why in _UNEDITABLE):
+                if chat_gone(exc):  # a new message would not arrive either
                     raise
                 log.info("the progress message cannot take the result; it goes as a new "
                          "message", chat_id=ask.chat_id, message_id=progress_id,
                          error=str(exc))
-        # The progress message is gone (the user deleted it), cannot take the result (see
-        # _UNEDITABLE) or was never recorded (the daemon died between sending and
-        # recording it). This is the only non-idempotent path left for a result: a crash
-        # after Telegram took the new message, before the step is recorded, sends it
-        # a second time.
+        # The progress message is gone (the user deleted it), cannot take the result (too
+        # old to edit, an old Bot API server, any other refused edit) or was never
+        # recorded (the daemon died between sending and recording it). This is the only
+        # non-idempotent path left for a result: a crash after Telegram took the new
+        # message, before the step is recorded, sends it a second time.
         return {"message_id": (await send()).message_id, "edited": False}
 
     async def _send_notice(self, spec: JobSpec, outcome: JobOutcome, directory: Path,
@@ -253,9 +257,14 @@ class Delivery:
         message_id = await self.progress.message_id(spec.id, directory)
         if message_id is None:  # never sent (the reply failed), or forgotten long ago
             return {"skipped": "no progress message"}
-        await self.bot.edit_message_text(
-            texts.final(spec.id, outcome.status, outcome.error),
-            chat_id=spec.source.chat_id, message_id=message_id)
+        try:
+            await self.bot.edit_message_text(
+                texts.final(spec.id, outcome.status, outcome.error),
+                chat_id=spec.source.chat_id, message_id=message_id)
+        except BadRequest as exc:  # deleted, or too old to edit: it keeps its last percent
+            if not any(why in str(exc).lower() for why in _UNEDITABLE):
+                raise
+            return {"skipped": self.redact(str(exc))}
         return {"message_id": message_id}
 
 
@@ -273,9 +282,15 @@ class _DeliverySteps:
         try:
             result = await send()
         except BadRequest as exc:
-            # "not modified": the message already says it; anything else will never work
-            # (the chat is gone, the message deleted…): don't retry it forever.
-            result = {} if "not modified" in str(exc) else {"skipped": self.redact(str(exc))}
+            # "not modified": the message already says it. A chat that is gone will never
+            # take it: don't retry that forever. Any other refusal is retried (the
+            # delivery loop backs off), never dropped.
+            if "not modified" in str(exc):
+                result = {}
+            elif chat_gone(exc):
+                result = {"skipped": self.redact(str(exc))}
+            else:
+                raise
         except Forbidden as exc:  # the user blocked the bot, or it left the group
             result = {"skipped": self.redact(str(exc))}
         if "skipped" in result:
@@ -299,6 +314,11 @@ def shrink_to_fit(source: Path, dest: Path, limit_bytes: int) -> None:
 
 async def _message_id(sending: Awaitable[Message]) -> dict[str, Any]:
     return {"message_id": (await sending).message_id}
+
+
+def chat_gone(exc: BadRequest) -> bool:
+    """Whether Telegram refused because the chat itself no longer exists."""
+    return any(why in str(exc).lower() for why in _CHAT_GONE)
 
 
 def _too_large(exc: NetworkError) -> bool:

@@ -41,6 +41,22 @@ class ChannelType:
     build: Callable[[Config, Submitter], RunningChannel]
     checks: Callable[[Config], list[Finding]]
     settings: Tables = field(default_factory=dict)  # its tables under [intake]
+    posts: bool = False  # drains an outbox (daemon.outbox): the digest can post through it
+
+
+def unread_post_targets(types: list[ChannelType], config: Config) -> list[str]:
+    """``[digest] post`` targets whose outbox nobody would read: why, for each."""
+    running = {channel.name: channel for channel in types if channel.enabled(config)}
+    problems = []
+    for target in config.digest.post:
+        channel = running.get(target.channel)
+        if channel is None:
+            problems.append(f"[digest] post names the channel {target.channel!r}, which is "
+                            "not running here")
+        elif not channel.posts:
+            problems.append(f"[digest] post names the channel {target.channel!r}, which "
+                            "cannot post")
+    return problems
 
 
 def build_channels(types: list[ChannelType], config: Config, submitter: Submitter

@@ -38,13 +38,14 @@ from types import ModuleType
 import redis
 
 from daemon import channel_state
+from daemon.channels import unread_post_targets
 from daemon.compose import read_config
 from daemon.config import Config, ConfigError
+from daemon.doctor_gpu import GB, check_gpu
 from daemon.findings import Finding, Level
 from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from intake.channels import channel_types
 
-GB = 1024**3
 # Chinese, Japanese kana and Korean: captions in all three must render.
 CJK_SAMPLE = "狐狸在雪地里奔跑 キツネ 여우"
 REQUIRED_ENCODERS = ("libx264", "aac")
@@ -120,9 +121,13 @@ def check_config(config: Config) -> list[Finding]:
     else:
         findings = [Finding(Level.OK, "config", f"{config.source_path} is valid")]
     # Each channel the configuration turns on checks its own settings.
-    for channel in channel_types(config):
+    types = channel_types(config)
+    for channel in types:
         if channel.enabled(config):
             findings += channel.checks(config)
+    findings += [Finding(Level.WARN, "config", f"{problem}: the digest's summary would wait "
+                         "there unread", "name a running channel that posts (chat)")
+                 for problem in unread_post_targets(types, config)]
     return findings
 
 
@@ -337,84 +342,6 @@ def wait_for_redis(config: Config, timeout_s: float) -> int:
     print(f"Redis at {url} did not answer within {timeout_s:g} s ({last_error}); {starter}",
           file=sys.stderr)
     return 1
-
-
-# --- GPU -------------------------------------------------------------------------------
-
-
-def check_gpu() -> list[Finding]:
-    """NVML (the whole card, the driver), else torch.cuda; no GPU is fine (the CPU)."""
-    try:
-        import pynvml
-    except ImportError:
-        return _torch_gpu_findings()
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError_LibraryNotFound:  # no NVIDIA driver on this host
-        return _torch_gpu_findings()
-    except pynvml.NVMLError as exc:
-        return [Finding(Level.ERROR, "gpu", f"the NVIDIA driver does not answer: {exc}",
-                        "after a driver upgrade, reboot; otherwise see nvidia-smi and dmesg")]
-    try:
-        findings = _nvml_gpu_findings(pynvml)
-    finally:
-        pynvml.nvmlShutdown()
-    if not findings:
-        return _torch_gpu_findings()
-    return findings + _torch_uses_gpu_findings()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value  # older NVML gave bytes
-
-
-def _nvml_gpu_findings(pynvml: ModuleType) -> list[Finding]:
-    driver = _text(pynvml.nvmlSystemGetDriverVersion())
-    findings = []
-    for index in range(pynvml.nvmlDeviceGetCount()):
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = _text(pynvml.nvmlDeviceGetName(handle))
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        findings.append(Finding(Level.OK, "gpu",
-                                f"GPU {index}: {name}, {memory.total / GB:.0f} GB, "
-                                f"{memory.free / GB:.1f} GB free (driver {driver})"))
-        if memory.free < memory.total / 4:
-            findings.append(Finding(Level.INFO, "gpu",
-                                    f"GPU {index} has only {memory.free / GB:.1f} GB free: "
-                                    "another program, or a worker's resident models, holds it",
-                                    "nvidia-smi lists the processes using it"))
-    return findings
-
-
-def _torch_uses_gpu_findings() -> list[Finding]:
-    """NVML sees GPUs: can torch use them? A CPU-only build runs every job on the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return [Finding(Level.OK, "gpu", f"torch {torch.__version__} uses CUDA "
-                                         f"{torch.version.cuda}")]
-    why = ("it is a CPU-only build" if torch.version.cuda is None
-           else f"it was built for CUDA {torch.version.cuda}, which this driver may not support")
-    return [Finding(Level.WARN, "gpu",
-                    f"this host has NVIDIA GPUs but torch {torch.__version__} cannot use them "
-                    f"({why}): jobs would run on the CPU",
-                    "install the CUDA build of the same torch version into the venv "
-                    "(docs/operations.md, GPU hosts)")]
-
-
-def _torch_gpu_findings() -> list[Finding]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return [Finding(Level.INFO, "gpu", "no GPU: jobs run on the CPU, more slowly")]
-    findings = []
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        findings.append(Finding(Level.OK, "gpu",
-                                f"GPU {index}: {torch.cuda.get_device_name(index)}, "
-                                f"{total / GB:.0f} GB, {free / GB:.1f} GB free (via torch; "
-                                "NVML unavailable, so VRAM is sampled more slowly)"))
-    return findings
 
 
 # --- models ----------------------------------------------------------------------------

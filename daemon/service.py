@@ -20,7 +20,7 @@ import signal
 from redis.exceptions import RedisError
 
 from daemon import channel_state
-from daemon.channels import RunningChannel, build_channels
+from daemon.channels import RunningChannel, build_channels, unread_post_targets
 from daemon.config import Config
 from daemon.delivery import DeliveryLoop
 from daemon.logs import get_logger
@@ -51,7 +51,10 @@ async def run_daemon(config: Config, stop: asyncio.Event | None = None) -> None:
     queue = await QueueClient.open(url, keep_results_s=config.worker.keep_results,
                                    interactive_lead_s=config.queue.interactive_lead)
     submitter = Submitter(config, queue, kind_registry(config))
-    channels = build_channels(channel_types(config), config, submitter)
+    types = channel_types(config)
+    channels = build_channels(types, config, submitter)
+    for problem in unread_post_targets(types, config):
+        log.warning("the digest's summary would wait unread", problem=problem)
     delivery = DeliveryLoop(config, queue)
     for channel in channels:
         if channel.deliver is not None:

@@ -30,7 +30,8 @@ CHANNEL_TYPES = [
                 build=http.HttpIntake, checks=http_settings.token_checks,
                 settings=http_settings.SETTINGS),
     ChannelType(Channel.chat, enabled=lambda config: config.intake.chat.enabled,
-                build=_chat, checks=chat_checks, settings=telegram_settings.SETTINGS),
+                build=_chat, checks=chat_checks, settings=telegram_settings.SETTINGS,
+                posts=True),
 ]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from daemon import links, metrics
+from daemon import channel_state, links, metrics
 from daemon.config import Config
 from daemon.jobs import (
     Channel,
@@ -291,6 +291,8 @@ class HttpApi:
                  if beat["age_s"] < WORKER_STALE_S and not beat.get("stopped")]
         body["worker_heartbeat_age_s"] = min((b["age_s"] for b in workers), default=None)
         body["paused"] = await self.queue.paused()
+        # A channel that could not start (a busy port) is retried while the rest serve.
+        body["channels"] = channel_state.decode(await self.queue.redis.hgetall(channel_state.KEY))
         body["status"] = "ok" if alive else "no worker alive"
         return web.json_response(body, status=200 if alive else 503)
 

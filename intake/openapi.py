@@ -151,7 +151,10 @@ def openapi_document(kinds: KindRegistry) -> dict[str, Any]:
             "queue_length": {"type": "integer", "minimum": 0},
             "worker_heartbeat_age_s": nullable["number"],
             "workers": {"type": "array", "items": {"type": "object", "description":
-                "name, device, age_s, vram_used, vram_total, stopped; job_id to a token"}}}},
+                "name, device, age_s, vram_used, vram_total, stopped; job_id to a token"}},
+            "channels": {"type": "object", "description": "each channel of the daemon: "
+                         "running, or why it is not (and how often it was tried)",
+                         "additionalProperties": {"type": "object"}}}},
         **_kind_schemas(kinds),
     }
     signed = {"name": "link", "in": "query", "style": "form", "explode": True,

@@ -421,3 +421,14 @@ def test_http_port_free_held_by_another_program_or_by_our_daemon(tmp_path: Path,
             client.delete(channel_state.KEY)
         assert ours.level is Level.OK and "reelqueue's own daemon (pid 4242)" in ours.what
     assert doctor.check_http_port(make_config(tmp_path, redis_url)) == []  # http off
+
+
+def test_a_digest_posted_where_nobody_reads_is_a_warning(tmp_path: Path) -> None:
+    config = make_config(tmp_path, digest='post = [{ channel = "chat", to = "-1001" }, '
+                                          '{ channel = "folder", to = "x" }]')
+    warnings = only(doctor.check_config(config), Level.WARN)
+    assert warnings == [
+        "[digest] post names the channel 'chat', which is not running here: the digest's "
+        "summary would wait there unread",
+        "[digest] post names the channel 'folder', which cannot post: the digest's summary "
+        "would wait there unread"]

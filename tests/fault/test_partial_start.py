@@ -65,6 +65,9 @@ def test_a_busy_http_port_stops_only_http_which_starts_once_the_port_frees(
     except urllib.error.HTTPError as exc:  # 503 with no worker alive: still an answer
         body = json.loads(exc.read())
     assert body["redis"] == "ok"
+    # It tells what runs, and what it took to get there.
+    assert body["channels"]["http"]["state"] == "running"
+    assert body["channels"]["folder"]["state"] == "running"
     [finding] = check_http_port(config)
     assert finding.level is Level.OK and "reelqueue's own daemon" in finding.what
     assert f"pid {daemon.popen.pid}" in finding.what

@@ -160,10 +160,10 @@ class FolderIntake:
     async def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         for sub in (DONE, FAILED):
-            # Made with the inbox's mode; one that is not a real folder is logged, and
-            # answers wait until it is one (requests are still taken meanwhile).
-            with contextlib.suppress(UnsafeFolder):
-                answer_folder(self.path / sub)
+            # Made with the inbox's mode. One that is not a real folder stops the start
+            # (the daemon says why and tries again); one replaced later is checked
+            # before every answer, which then waits until it is a folder again.
+            answer_folder(self.path / sub)
         loop = asyncio.get_running_loop()
         if self.folder.poll:
             self._observer = PollingObserver(timeout=self.folder.poll_interval)
@@ -414,8 +414,15 @@ class FolderChannel:
                          for folder in config.intake.folder]
 
     async def start(self) -> None:
-        for watcher in self.watchers:
-            await watcher.start()
+        started = []
+        try:
+            for watcher in self.watchers:
+                await watcher.start()
+                started.append(watcher)
+        except BaseException:  # all or none: the daemon's next try starts them all
+            for watcher in started:
+                await watcher.stop()
+            raise
 
     async def stop(self) -> None:
         for watcher in self.watchers:

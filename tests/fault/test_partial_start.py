@@ -84,7 +84,7 @@ def test_demo_fails_fast_naming_the_cause_and_leaves_no_request_behind(tmp_path)
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"cannot watch {inbox}" in result.stderr and "done" in result.stderr, result.stderr
-    assert "File exists" in result.stderr
+    assert "is a regular file, not a folder" in result.stderr
     assert elapsed < 50, f"took {elapsed:.0f} s to give up"
     assert not (inbox / "fox.txt").exists()
     assert not list(inbox.glob(".fox.txt*"))

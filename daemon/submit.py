@@ -41,12 +41,16 @@ from daemon import caps, content, files, refusals
 from daemon.config import Config
 from daemon.jobs import JobError, JobSpec, Source, job_dir, new_job_id, read_spec, write_spec
 from daemon.kinds import MAX_PROMPT_CHARS, KindRegistry
+from daemon.logs import get_logger
 from daemon.queue import QueueClient
 from daemon.schedule import PREFIX, Priority
 
 # Lone surrogates: JSON's "\ud800", undecodable bytes of a file name. Not text: no UTF-8
 # file (the spec, the logs, a reply) can hold one.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+log = get_logger(component="submit")
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,12 @@ class Submitter:
             for upload in uploads:
                 await upload.put(directory / "inputs" / upload.name)
             await asyncio.to_thread(write_spec, self.jobs_dir, spec)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            # Stopped part way (the daemon stopping): nothing is awaited now. The folder
+            # goes; a place taken frees itself as stale (daemon.caps).
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        except Exception as exc:
             await self._undo(spec, place, wrote=True)
             if isinstance(exc, JobError):  # an input its channel could not hand over
                 return Refused(Refusal.invalid, str(exc), exc.problems)
@@ -242,7 +251,12 @@ class Submitter:
     async def _enqueue(self, spec: JobSpec, place: caps.Reservation, wrote: bool) -> Accepted:
         try:
             queued = await self.queue.enqueue(spec)
-        except BaseException:
+        except asyncio.CancelledError:
+            # Stopped part way, perhaps after arq took the job: its spec stays, and the
+            # cancellation goes on (a stopping daemon must not wait on Redis here).
+            raise
+        except Exception as exc:
+            log.warning("queueing a job failed part way", job_id=spec.id, error=repr(exc))
             with contextlib.suppress(RedisError, OSError):
                 if await self.queue.is_waiting(spec.id):  # it went in before the failure
                     return Accepted(spec, None, duplicate=False)

@@ -3,11 +3,14 @@ helpers to start the real daemon and worker as processes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -155,3 +158,36 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def http_api_in_a_thread(config: Config, port: int) -> Iterator[None]:
+    """The real HTTP API on ``127.0.0.1:port``, served from its own event loop in a thread,
+    for clients that block (schemathesis, hypothesis with urllib)."""
+    from aiohttp import web
+
+    from intake.http import HttpApi
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict = {}
+
+    async def serve() -> None:
+        state["queue"] = await QueueClient.open(config.redis.url)
+        runner = web.AppRunner(HttpApi(config, submitter_for(config, state["queue"])).app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        state["runner"] = runner
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop)
+    assert ready.wait(30), "the HTTP API did not start"
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(state["queue"].close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -20,22 +20,17 @@ The hooks below are loaded into the schemathesis run through SCHEMATHESIS_HOOKS.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import schemathesis
-from aiohttp import web
 
 from daemon.compose import read_config
-from daemon.queue import QueueClient
-from intake.http import HttpApi
-from tests.conftest import REPO, free_port, submitter_for, write_config
+from tests.conftest import REPO, free_port, http_api_in_a_thread, write_config
 
 pytestmark = pytest.mark.timeout(170)
 
@@ -77,27 +72,8 @@ def server(tmp_path, redis_url):
     config = read_config(write_config(tmp_path, redis_url, **{"intake.http": (
         f'enabled = true\nlisten = "127.0.0.1:{port}"\nmax_body_mb = 1\n'
         '[[intake.http.tokens]]\nname = "root"\ntoken = "root-secret"\nrole = "admin"')}))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state: dict = {}
-
-    async def serve() -> None:
-        state["queue"] = await QueueClient.open(config.redis.url)
-        runner = web.AppRunner(HttpApi(config, submitter_for(config, state["queue"])).app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        state["runner"] = runner
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    assert ready.wait(30)
-    yield port
-    asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
-    asyncio.run_coroutine_threadsafe(state["queue"].close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with http_api_in_a_thread(config, port):
+        yield port
 
 
 def test_the_served_schema_holds_under_every_check(server, tmp_path):

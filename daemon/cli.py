@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from daemon import channel_state
@@ -35,6 +36,11 @@ from daemon.redis_server import EmbeddedRedis, EmbeddedRedisError, ensure_redis
 from daemon.submit import Refused, Request, Submitter
 
 console = Console()
+
+
+def _e(value: object) -> str:
+    """A value for a rich message, with its brackets (``[upscale] model``) kept as text."""
+    return escape(str(value))
 
 
 def _error(message: str) -> None:
@@ -77,9 +83,10 @@ async def open_queue(config: Config) -> QueueClient:
 
 def _print_where(config: Config) -> None:
     for folder in config.intake.folder:
-        console.print(f"[bold]drop[/] {folder.kind} requests into [cyan]{folder.path}/[/]  →  "
-                      f"results in [cyan]{folder.path / 'done'}/[/], failures in "
-                      f"[cyan]{folder.path / 'failed'}/[/]")
+        console.print(f"[bold]drop[/] {_e(folder.kind)} requests into "
+                      f"[cyan]{_e(folder.path)}/[/]  →  "
+                      f"results in [cyan]{_e(folder.path / 'done')}/[/], failures in "
+                      f"[cyan]{_e(folder.path / 'failed')}/[/]")
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -163,10 +170,10 @@ def _report_final(config: Config, job_id: str, state: dict[str, Any]) -> int:
     directory = config.jobs_dir / job_id
     if status == JobStatus.done:
         result = json.loads((directory / "result.json").read_text())
-        console.print(f"[green]done[/]: {directory / result['primary']}")
-        console.print(f"report: {directory / 'report.html'}")
+        console.print(f"[green]done[/]: {_e(directory / result['primary'])}")
+        console.print(f"report: {_e(directory / 'report.html')}")
         return 0
-    console.print(f"[red]{status}[/]: {state.get('error') or ''}")
+    console.print(f"[red]{_e(status)}[/]: {_e(state.get('error') or '')}")
     return 1
 
 
@@ -191,7 +198,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 for key in ("id", "kind", "status", "stage", "percent", "message", "position",
                             "error", "submitted_by", "channel", "priority", "worker", "attempt"):
                     if state.get(key) not in (None, ""):
-                        console.print(f"{key:>13}: {state[key]}")
+                        console.print(f"{key:>13}: {_e(state[key])}")
                 return 0
             console.print(f"queue length: {await queue.queue_length()}")
             channels = channel_state.decode(await queue.redis.hgetall(channel_state.KEY))
@@ -204,8 +211,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 console.print(channel_state.describe(name, state), markup=False,
                               highlight=False, soft_wrap=True, style=None if running else "red")
             if paused := await queue.paused():
-                console.print(f"[yellow]paused[/] by {paused['by']}: "
-                              f"{paused['reason'] or 'no reason given'}")
+                console.print(f"[yellow]paused[/] by {_e(paused['by'])}: "
+                              f"{_e(paused['reason'] or 'no reason given')}")
             workers = await queue.workers()
             if not workers:
                 console.print("[yellow]no worker alive[/]: start one with `reelqueue worker`")
@@ -213,16 +220,16 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 doing = "idle"
                 if beat.get("job_id"):
                     state = await queue.get_state(beat["job_id"]) or {}
-                    doing = (f"running {beat['job_id']}: {state.get('stage', '')} "
-                             f"{state.get('percent', 0):.0f}% {state.get('message', '')}")
+                    doing = _e(f"running {beat['job_id']}: {state.get('stage', '')} "
+                               f"{state.get('percent', 0):.0f}% {state.get('message', '')}")
                 if beat.get("stopped"):
-                    doing = f"[red]not taking jobs[/]: {beat['stopped']}"
+                    doing = f"[red]not taking jobs[/]: {_e(beat['stopped'])}"
                 vram = ""
                 if beat.get("vram_total"):
                     vram = (f", VRAM {beat['vram_used'] / 2**30:.1f}/"
                             f"{beat['vram_total'] / 2**30:.1f} GiB")
-                console.print(f"worker {beat['name']} on {beat['device']}{vram} "
-                              f"(seen {beat['age_s']} s ago): {doing}")
+                console.print(f"worker {_e(beat['name'])} on {_e(beat['device'])}{_e(vram)} "
+                              f"(seen {_e(beat['age_s'])} s ago): {doing}")
             return 0
         finally:
             await queue.close()
@@ -239,10 +246,10 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
                 created = utc_from_ts(state.get("created_at"))
                 status = state["status"]
                 detail = state.get("error") or state.get("prompt", "")
-                table.add_row(state["id"], state.get("kind", ""), status,
-                              f"{state['percent']:.0f}% {state.get('stage', '')}",
+                table.add_row(state["id"], _e(state.get("kind", "")), status,
+                              f"{state['percent']:.0f}% {_e(state.get('stage', ''))}",
                               created.strftime("%m-%d %H:%M") if created else "",
-                              state.get("submitted_by", ""), detail[:60])
+                              _e(state.get("submitted_by", "")), _e(detail[:60]))
             console.print(table)
             return 0
         finally:
@@ -296,10 +303,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         outcome = run_job_sync(spec, config, kinds=kinds, on_progress=on_progress)
     elapsed = time.monotonic() - started
     if outcome.status != JobStatus.done:
-        console.print(f"[red]{outcome.status}[/]: {outcome.error}")
+        console.print(f"[red]{_e(outcome.status)}[/]: {_e(outcome.error)}")
         return 1
-    console.print(f"[green]done[/] in {elapsed:.2f} s: {directory / outcome.primary}")
-    console.print(f"report: {directory / 'report.html'}")
+    console.print(f"[green]done[/] in {elapsed:.2f} s: {_e(directory / outcome.primary)}")
+    console.print(f"report: {_e(directory / 'report.html')}")
     return 0
 
 
@@ -318,7 +325,7 @@ def cmd_digest(args: argparse.Namespace, config: Config) -> int:
                        f"({until:%Y-%m-%d %H:%M})")
     written = digest.write(config, since, until, Path(args.out) if args.out else None)
     print(written["summary"])
-    console.print(f"digest: [cyan]{written['html']}[/]")
+    console.print(f"digest: [cyan]{_e(written['html'])}[/]")
     return 0
 
 
@@ -355,9 +362,10 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
 
     installed = models.list_models(config.models.dir)
     if not installed:
-        console.print(f"no models in {config.models.dir}: fetch them with `python "
+        console.print(f"no models in {_e(config.models.dir)}: fetch them with `python "
                       "scripts/fetch_models.py NAME --dest models/` on a machine with hub "
-                      f"access, then copy them there. Known names: {', '.join(models.CATALOGUE)}")
+                      "access, then copy them there. Known names: "
+                      f"{_e(', '.join(models.CATALOGUE))}")
         return 0
     table = Table("model", "kind", "size", "checksums")
     damaged = 0
@@ -417,7 +425,7 @@ async def _demo_job(config: Config, inbox: Path, exited: Callable[[str], int | N
         tmp.write_bytes(data)
         tmp.rename(request)  # renamed in, as a careful writer would
         dropped = True
-        console.print(f"dropped [cyan]{request}[/]: {DEMO_PROMPT}")
+        console.print(f"dropped [cyan]{_e(request)}[/]: {_e(DEMO_PROMPT)}")
         deadline = time.monotonic() + 60
         while await queue.get_state(job_id) is None:  # until the daemon has taken the file
             if time.monotonic() > deadline:
@@ -436,12 +444,12 @@ async def _demo_job(config: Config, inbox: Path, exited: Callable[[str], int | N
         await asyncio.sleep(0.05)
     files = json.loads(plan.read_text())["files"]
     if JobStatus(state["status"]) != JobStatus.done:
-        console.print(f"[red]the demo job {state['status']}[/]: {state.get('error')}")
-        console.print(f"explanation: {files['error']}")
+        console.print(f"[red]the demo job {_e(state['status'])}[/]: {_e(state.get('error'))}")
+        console.print(f"explanation: {_e(files['error'])}")
         return 1
     console.print("[green]done.[/] Results:")
     for role in ("primary", "report.html", "report.json", "request"):
-        console.print(f"  {role:>11}: {files[role]}")
+        console.print(f"  {role:>11}: {_e(files[role])}")
     return 0
 
 

@@ -325,3 +325,25 @@ async def test_a_place_given_back_after_midnight_leaves_no_negative_count(redis_
         assert await queue.redis.zcard(caps.active_key("ann")) == 0
     finally:
         await queue.close()
+
+
+async def test_the_cli_never_hides_a_word_in_brackets(tmp_path, redis_url):
+    """Messages name config tables in brackets; rich must not take them for markup."""
+    config_file = write_config(tmp_path, redis_url)
+    queue = await QueueClient.open(redis_url)
+    error = "no upscaling model is configured: set [upscale] model, see [models] dir"
+    try:
+        await queue.redis.hset("reelqueue:job:abc123", mapping={
+            "id": "abc123", "kind": "upscale", "status": "failed", "stage": "failed",
+            "percent": "0", "error": error, "submitted_by": "ann", "created_at": "0"})
+        await queue.redis.zadd("reelqueue:recent", {"abc123": 0})
+    finally:
+        await queue.close()
+    # (the jobs table wraps its narrow column: only the first name is on one line there)
+    for argv, tables in ((["status", "abc123"], ("[upscale]", "[models]")),
+                         (["jobs"], ("[upscale]",))):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert await asyncio.to_thread(cli.main, ["--config", str(config_file), *argv]) == 0
+        for table in tables:
+            assert table in out.getvalue(), (argv, out.getvalue())

@@ -125,9 +125,15 @@ class Refusal(StrEnum):
 FINAL = (Refusal.invalid, Refusal.blocked, Refusal.unavailable)
 # A second submission of one id waits this long for the first to finish.
 LOCK_WAIT_S = 30.0
-LOCK_TTL_MS = 15 * 60 * 1000  # longer than any upload; a dead holder's lock then lapses
+# The holder renews it every third of this while it works (an upload can take minutes);
+# the lock of a daemon killed mid-submission lapses within this.
+LOCK_TTL_MS = 15_000
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -288,11 +294,19 @@ class Submitter:
                 yield False
                 return
             await asyncio.sleep(0.05)
+        renewing = asyncio.create_task(self._renew(key, token))
         try:
             yield True
         finally:
+            renewing.cancel()
             with contextlib.suppress(RedisError, OSError):
                 await self.queue.redis.eval(_RELEASE, 1, key, token)
+
+    async def _renew(self, key: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_MS / 3000)
+            with contextlib.suppress(RedisError, OSError):
+                await self.queue.redis.eval(_RENEW, 1, key, token, LOCK_TTL_MS)
 
     def _known_spec(self, job_id: str) -> JobSpec | None:
         try:

@@ -347,3 +347,17 @@ async def test_the_cli_never_hides_a_word_in_brackets(tmp_path, redis_url):
             assert await asyncio.to_thread(cli.main, ["--config", str(config_file), *argv]) == 0
         for table in tables:
             assert table in out.getvalue(), (argv, out.getvalue())
+
+
+async def test_a_submission_lock_left_by_a_killed_daemon_lapses(config, redis_url):
+    """A daemon SIGKILLed mid-submission leaves the id's lock; the next try waits for it to
+    lapse (its holder renews it only while alive) instead of refusing for long."""
+    queue = await QueueClient.open(redis_url)
+    try:
+        await queue.redis.set("reelqueue:submitting:fromakilleddaemon", "dead", px=400)
+        answer = await submitter_for(config, queue).submit(Request(
+            kind="video", prompt="a patient heron", options={}, submitted_by="ann",
+            source=Source(channel="cli"), job_id="fromakilleddaemon"))
+        assert not isinstance(answer, Refused) and answer.spec.id == "fromakilleddaemon"
+    finally:
+        await queue.close()

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from arq.connections import ArqRedis
 
 from daemon.jobs import JobStatus
-from daemon.schedule import PREFIX, QUEUE_NAME
+from daemon.schedule import PREFIX, QUEUE_NAME, state_key
 
 DAY_KEY_TTL_S = 2 * 86400
 # A place taken by a submission that never got as far as queueing its job (its daemon
@@ -134,7 +134,7 @@ async def _forget_finished(redis: ArqRedis, submitted_by: str) -> int:
     stale_before = (time.time() - UNFINISHED_SUBMISSION_S) * 1000
     async with redis.pipeline(transaction=False) as pipe:
         for job_id, _ in entries:
-            pipe.hget(f"{PREFIX}job:{job_id.decode()}", "status")
+            pipe.hget(state_key(job_id.decode()), "status")
         statuses = await pipe.execute()
     gone = []
     for (job_id, taken), status in zip(entries, statuses, strict=True):

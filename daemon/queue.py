@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from daemon import caps, schedule
 from daemon.jobs import JobSpec, JobStatus
-from daemon.schedule import PREFIX, QUEUE_NAME
+from daemon.schedule import PREFIX, QUEUE_NAME, state_key
 
 RECENT_KEY = PREFIX + "recent"
 EVENTS_CHANNEL = PREFIX + "events"
@@ -51,10 +51,6 @@ DELIVERIES_ACTIVE_KEY = PREFIX + "deliveries:active"
 # An overnight backlog must never expire: arq's default is one day.
 JOB_EXPIRY_S = 60 * 86400
 RUN_FUNCTION = "run_job"
-
-
-def state_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
 
 
 def running_key(job_id: str) -> str:

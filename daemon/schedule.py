@@ -47,6 +47,11 @@ SERVED_KEY = PREFIX + "served"  # hash "<class>:<submitter>" -> turn it was last
 TURN_KEY = PREFIX + "served:turn"  # counter of releases, the clock of the round robin
 
 
+def state_key(job_id: str) -> str:
+    """A job's live state (hash: status, stage, percent, …); see daemon.queue."""
+    return f"{PREFIX}job:{job_id}"
+
+
 def parked_score(created_ms: int) -> int:
     return PARKED_BASE_MS + created_ms
 
